@@ -1,0 +1,46 @@
+# The commands a person types. Each one creates or updates .venv from pyproject.toml first.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export PATH := $(abspath $(BIN)):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: help install run repro test lint format bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first and pinned: the CPU build; an unpinned torch pulls a multi-GB CUDA build.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create or update the virtual environment
+
+run: $(STAMP)  ## run the whole pipeline on the default data (dvc repro)
+	$(BIN)/dvc repro
+
+repro: run
+
+test: $(STAMP)  ## lint, format check and the test suite
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest
+
+lint: $(STAMP)  ## ruff lint
+	$(BIN)/ruff check .
+
+format: $(STAMP)  ## ruff format in place
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(STAMP)  ## benchmarks (see benchmarks/README.md)
+	$(BIN)/python benchmarks/bench_pipeline.py
+
+clean:  ## remove pipeline outputs (DVC can restore them: dvc checkout)
+	rm -rf data/processed models reports/evaluate .graftline

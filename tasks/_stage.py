@@ -1,0 +1,30 @@
+"""What every stage entry point shares: logging set-up and turning input errors into exits."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from graftline.config import ConfigError, Params, load_params
+from graftline.errors import GraftlineError
+
+log = logging.getLogger("graftline")
+
+
+def stage_main(name: str, run: Callable[[Params], Any], argv: list[str] | None = None) -> int:
+    """Parse ``--params``, run the stage, and exit 2 with a one-line reason on bad input."""
+    parser = argparse.ArgumentParser(prog=f"python -m tasks.{name}", description=run.__doc__)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        params = load_params(args.params)
+        run(params)
+    except (ConfigError, GraftlineError) as err:
+        print(f"graftline {name}: error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,115 @@
+"""Stage ``finetune``: graft a new task head onto the pretrained backbone and train it;
+train the same architecture from scratch on the same labels as the baseline."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from graftline.config import FinetuneParams, Params
+from graftline.data.store import load_split, read_manifest
+from graftline.errors import ArtifactError
+from graftline.io import write_json
+from graftline.models import Classifier, build_classifier, save_checkpoint
+from graftline.models.checkpoint import load_checkpoint
+from graftline.train import ParamGroup, fit
+from tasks import paths
+from tasks._stage import stage_main
+from tasks._training import fingerprint, write_history
+
+log = logging.getLogger("graftline.finetune")
+
+
+def graft(pretrained: Classifier, num_classes: int) -> Classifier:
+    """The pretrained backbone with a fresh head for ``num_classes`` classes."""
+    model = Classifier(pretrained.backbone, num_classes)
+    return model
+
+
+def strategy_groups(model: Classifier, p: FinetuneParams) -> list[ParamGroup]:
+    """Parameter groups for ``full``, ``linear_probe`` or ``gradual`` fine-tuning."""
+    head = ParamGroup("head", model.head)
+    if p.strategy == "linear_probe":
+        return [ParamGroup("backbone", model.backbone, frozen_epochs=math.inf), head]
+    frozen = p.head_epochs if p.strategy == "gradual" else 0
+    return [ParamGroup("backbone", model.backbone, p.backbone_lr_scale, frozen), head]
+
+
+def run(
+    params: Params,
+    data: Path = paths.TASK_DATA,
+    pretrained: Path = paths.PRETRAINED,
+    finetuned_out: Path = paths.FINETUNED,
+    scratch_out: Path = paths.SCRATCH,
+    reports: Path = paths.FINETUNE_REPORT,
+    checkpoints: Path = paths.CHECKPOINTS,
+) -> dict[str, Any]:
+    """Fine-tune the pretrained backbone with a new task head, and train the scratch baseline."""
+    p = params.finetune
+    manifest = read_manifest(data)
+    train, val = load_split(data, "train"), load_split(data, "val")
+    shape = tuple(train.images.shape[1:])
+    base, ckpt = load_checkpoint(pretrained / paths.MODEL_FILE)
+    if tuple(ckpt["input_shape"]) != shape:
+        raise ArtifactError(
+            f"{pretrained / paths.MODEL_FILE} expects images of shape {tuple(ckpt['input_shape'])}, "
+            f"the task data in {data} has {shape}; set preprocess.image_size/channels to match"
+        )
+    model_cfg = ckpt["model_config"]
+    data_ids = {s: v["sha256"] for s, v in manifest["splits"].items()}
+    results: dict[str, Any] = {}
+    for name, out in (("finetuned", finetuned_out), ("scratch", scratch_out)):
+        if name == "finetuned":
+            model = graft(base, len(train.classes))
+            groups = strategy_groups(model, p)
+            cfg = p.train
+        else:
+            model = build_classifier(model_cfg, shape[0], shape[1], len(train.classes))
+            groups = None
+            cfg = p.scratch or p.train
+        resume = checkpoints / "finetune" / name / "last.pt"
+        fp = fingerprint(name, p.model_dump(), data_ids, ckpt.get("data_sha256"))
+        result = fit(
+            model,
+            train,
+            val,
+            cfg,
+            seed=p.seed,
+            groups=groups,
+            resume_path=resume,
+            fingerprint=fp,
+            desc=name,
+        )
+        metrics = {
+            "val_acc": result.best_val_acc,
+            "best_epoch": result.best_epoch,
+            "epochs_run": len(result.history),
+        }
+        save_checkpoint(
+            out / paths.MODEL_FILE,
+            model,
+            model_config=model_cfg,
+            classes=train.classes,
+            input_shape=shape,
+            extra={
+                "stage": "finetune",
+                "variant": name,
+                "strategy": p.strategy if name == "finetuned" else "scratch",
+                "data_sha256": manifest["splits"]["train"]["sha256"],
+                "metrics": metrics,
+            },
+        )
+        write_history(reports / f"{name}_history.csv", result.history)
+        shutil.rmtree(resume.parent, ignore_errors=True)
+        log.info("%s: %s (%.0f images/s)", name, metrics, result.images_per_s)
+        results[name] = {"metrics": metrics, "history": result.history}
+    write_json(reports / "metrics.json", {k: v["metrics"] for k, v in results.items()})
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(stage_main("finetune", run))

@@ -1,0 +1,26 @@
+"""Where each stage reads and writes, relative to the repo root.
+
+``dvc.yaml`` declares the same paths; ``tests/unit/test_dvc_wiring.py`` checks that the two
+agree, so neither can drift.
+"""
+
+from pathlib import Path
+
+PARAMS = Path("params.yaml")
+RAW = Path("data/raw")
+PROCESSED = Path("data/processed")
+PRETRAIN_DATA = PROCESSED / "pretrain"
+TASK_DATA = PROCESSED / "task"
+MODELS = Path("models")
+PRETRAINED = MODELS / "pretrained"
+FINETUNED = MODELS / "finetuned"
+SCRATCH = MODELS / "scratch"
+MODEL_FILE = "model.pt"
+REPORTS = Path("reports")
+PRETRAIN_REPORT = REPORTS / "pretrain"
+FINETUNE_REPORT = REPORTS / "finetune"
+EVALUATE_REPORT = REPORTS / "evaluate"
+METRICS = REPORTS / "metrics.json"
+# Resume checkpoints live outside DVC's outs: DVC deletes a stage's outs before re-running
+# it, and a crashed run must find its last epoch again.
+CHECKPOINTS = Path(".graftline/checkpoints")

@@ -1,0 +1,99 @@
+"""Stage ``preprocess``: load, validate and split the pretraining corpus and the task set."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from graftline.config import Params, PreprocessParams
+from graftline.data.dataset import Dataset
+from graftline.data.sources import load_source
+from graftline.data.splits import label_budget, stratified_split
+from graftline.data.store import save_splits
+from graftline.data.validate import restrict_classes, validate
+from tasks import paths
+from tasks._stage import stage_main
+
+log = logging.getLogger("graftline.preprocess")
+
+
+def prepare(p: PreprocessParams) -> tuple[dict[str, Dataset], dict[str, Dataset], dict[str, Any]]:
+    """Load and validate both datasets and split them; nothing is written here."""
+    size, ch = p.image_size, p.channels
+    pre, pre_test = load_source(p.pretrain.source, size, ch)
+    pre_name = f"pretrain data ({pre.source})"
+    validate(pre, pre_name)
+    if p.pretrain.limit and p.pretrain.limit < len(pre):
+        pre = stratified_split(
+            pre,
+            {"rest": 1 - p.pretrain.limit / len(pre), "keep": p.pretrain.limit / len(pre)},
+            p.seed,
+            pre_name,
+        )["keep"]
+    pre_splits = stratified_split(
+        pre,
+        {"train": 1 - p.pretrain.val_fraction, "val": p.pretrain.val_fraction},
+        p.seed,
+        pre_name,
+    )
+    if pre_test is not None:
+        validate(pre_test, f"pretrain test data ({pre_test.source})")
+        pre_splits["test"] = restrict_classes(
+            pre_test, pre.classes, f"pretrain test data ({pre_test.source})"
+        )
+
+    task, task_test = load_source(p.task.source, size, ch)
+    task_name = f"task data ({task.source})"
+    if p.task.classes:
+        task = restrict_classes(task, p.task.classes, task_name)
+    validate(task, task_name)
+    t = p.task
+    if task_test is not None:
+        task_test = restrict_classes(
+            task_test, task.classes, f"task test data ({task_test.source})"
+        )
+        validate(task_test, f"task test data ({task_test.source})")
+        splits = stratified_split(
+            task, {"train": 1 - t.val_fraction, "val": t.val_fraction}, p.seed, task_name
+        )
+        splits["test"] = task_test
+    else:
+        splits = stratified_split(
+            task,
+            {
+                "train": 1 - t.val_fraction - t.test_fraction,
+                "val": t.val_fraction,
+                "test": t.test_fraction,
+            },
+            p.seed,
+            task_name,
+        )
+    full_train = len(splits["train"])
+    splits["train"] = label_budget(splits["train"], t.labels_per_class, p.seed)
+    info = {"labels_per_class": t.labels_per_class, "train_before_budget": full_train}
+    return pre_splits, splits, info
+
+
+def run(params: Params, out: Path = paths.PROCESSED) -> dict[str, Any]:
+    """Load, validate and split the pretraining corpus and the task set."""
+    p = params.preprocess
+    pre_splits, task_splits, info = prepare(p)
+    transform = (
+        f"uint8 {p.channels}x{p.image_size}x{p.image_size}; images of another size scaled "
+        f"into a {round(p.image_size * 20 / 28)}px box centred by mass (MNIST's own geometry)"
+    )
+    common = {"seed": p.seed, "transform": transform}
+    m_pre = save_splits(out / "pretrain", pre_splits, {**common, "params": p.pretrain.model_dump()})
+    m_task = save_splits(
+        out / "task", task_splits, {**common, **info, "params": p.task.model_dump()}
+    )
+    for name, m in (("pretrain", m_pre), ("task", m_task)):
+        counts = ", ".join(f"{s}={v['count']}" for s, v in m["splits"].items())
+        log.info("%s: %s (%s classes, shape %s)", name, counts, len(m["classes"]), m["shape"])
+    return {"pretrain": m_pre, "task": m_task}
+
+
+if __name__ == "__main__":
+    sys.exit(stage_main("preprocess", run))

@@ -1,0 +1,73 @@
+"""Stage ``pretrain``: train backbone + pretraining head from scratch on the corpus."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from graftline.config import Params
+from graftline.data.store import load_split, read_manifest
+from graftline.io import write_json
+from graftline.models import build_classifier, save_checkpoint
+from graftline.train import fit, predict_proba
+from tasks import paths
+from tasks._stage import stage_main
+from tasks._training import fingerprint, write_history
+
+log = logging.getLogger("graftline.pretrain")
+
+
+def run(
+    params: Params,
+    data: Path = paths.PRETRAIN_DATA,
+    out: Path = paths.PRETRAINED,
+    reports: Path = paths.PRETRAIN_REPORT,
+    checkpoints: Path = paths.CHECKPOINTS,
+) -> dict[str, Any]:
+    """Train backbone + pretraining head from scratch on the pretraining corpus."""
+    p = params.pretrain
+    manifest = read_manifest(data)
+    train, val = load_split(data, "train"), load_split(data, "val")
+    c, h, _ = train.images.shape[1:]
+    model_cfg = p.model.model_dump()
+    model = build_classifier(model_cfg, c, h, len(train.classes))
+    fp = fingerprint(p.model_dump(), {s: v["sha256"] for s, v in manifest["splits"].items()})
+    resume = checkpoints / "pretrain" / "last.pt"
+    result = fit(
+        model, train, val, p.train, seed=p.seed, resume_path=resume, fingerprint=fp, desc="pretrain"
+    )
+    metrics: dict[str, Any] = {
+        "val_acc": result.best_val_acc,
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+    }
+    if "test" in manifest["splits"]:
+        test = load_split(data, "test")
+        pred = predict_proba(model, test.images).argmax(1)
+        metrics["test_acc"] = float(np.mean(pred == test.labels))
+    save_checkpoint(
+        out / paths.MODEL_FILE,
+        model,
+        model_config=model_cfg,
+        classes=train.classes,
+        input_shape=(c, h, h),
+        extra={
+            "stage": "pretrain",
+            "data_sha256": manifest["splits"]["train"]["sha256"],
+            "metrics": metrics,
+        },
+    )
+    write_history(reports / "history.csv", result.history)
+    write_json(reports / "metrics.json", metrics)
+    shutil.rmtree(resume.parent, ignore_errors=True)
+    log.info("pretrain: %s (%.0f images/s)", metrics, result.images_per_s)
+    return {"metrics": metrics, "images_per_s": result.images_per_s, "history": result.history}
+
+
+if __name__ == "__main__":
+    sys.exit(stage_main("pretrain", run))
