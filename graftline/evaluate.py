@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.calibration import CalibratedClassifierCV
 from sklearn.metrics import (
     accuracy_score,
     confusion_matrix,
@@ -51,19 +52,36 @@ def classification_metrics(
     }
 
 
-def svc_baseline(train: Dataset, C: float = 10.0, gamma: float | str = "scale") -> SVC:
-    """An RBF SVC on raw pixels in [0, 1], trained on the same labels as the networks."""
+def svc_baseline(
+    train: Dataset, C: float = 10.0, gamma: float | str = "scale"
+) -> tuple[SVC, CalibratedClassifierCV]:
+    """An RBF SVC on raw pixels in [0, 1], trained on the same labels as the networks.
+
+    Returns the SVC (its votes are the baseline's predictions) and a sigmoid-calibrated copy
+    (its probabilities feed ECE and the calibration plot).
+    """
     x = train.images.reshape(len(train), -1) / 255.0
-    return SVC(C=C, gamma=gamma, probability=True, random_state=0).fit(x, train.labels)
+    svc = SVC(C=C, gamma=gamma).fit(x, train.labels)
+    folds = int(min(5, np.bincount(train.labels).min()))
+    if folds < 2:
+        return svc, None
+    cal = CalibratedClassifierCV(SVC(C=C, gamma=gamma), cv=folds, ensemble=False)
+    return svc, cal.fit(x, train.labels)
 
 
-def svc_proba(model: SVC, ds: Dataset, num_classes: int) -> np.ndarray:
-    proba = model.predict_proba(ds.images.reshape(len(ds), -1) / 255.0)
-    # SVC orders columns by the classes it saw; put them back in class-index order.
+def svc_proba(
+    models: tuple[SVC, CalibratedClassifierCV | None], ds: Dataset, num_classes: int
+) -> np.ndarray:
+    svc, cal = models
+    x = ds.images.reshape(len(ds), -1) / 255.0
+    votes = svc.predict(x)
     out = np.zeros((len(ds), num_classes))
-    out[:, model.classes_] = proba
-    # Platt scaling may disagree with decision_function's argmax; report the SVC's own vote.
-    votes = model.predict(ds.images.reshape(len(ds), -1) / 255.0)
+    if cal is None:
+        out[np.arange(len(ds)), votes] = 1.0
+        return out
+    # Columns follow the classes the calibrator saw; put them back in class-index order.
+    out[:, cal.classes_] = cal.predict_proba(x)
+    # Calibration may disagree with the SVC's own vote; the vote is the prediction.
     top = out.max(axis=1, keepdims=True)
     fix = out.argmax(axis=1) != votes
     out[fix, votes[fix]] = top[fix, 0] + 1e-6

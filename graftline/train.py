@@ -264,7 +264,9 @@ def fit(
                 if cfg.patience and bad_epochs >= cfg.patience:
                     stopped_early = True
         history.append(record)
-        log.info(
+        every = max(1, epochs // 10)  # about ten log lines per run, plus the last epoch
+        log.log(
+            logging.INFO if (epoch + 1) % every == 0 or epoch + 1 == epochs else logging.DEBUG,
             "%s epoch %d/%d: %s",
             desc,
             epoch + 1,

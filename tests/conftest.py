@@ -1,0 +1,87 @@
+"""Fixtures that make small real data: IDX files, image folders, CSV tables."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> Path:
+    """Write an IDX file (uint8) as MNIST's distributors do."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if compress else data)
+    return path
+
+
+def blob_digits(
+    n_per_class: int, classes: int = 3, size: int = 28, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic, learnable 'digits': class k is a bright bar at a class-specific angle."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] - (size - 1) / 2
+    images, labels = [], []
+    for k in range(classes):
+        angle = np.pi * k / classes
+        for _ in range(n_per_class):
+            a = angle + rng.normal(0, 0.08)
+            d = np.abs(xx * np.sin(a) - yy * np.cos(a))
+            r = np.hypot(xx, yy)
+            img = np.where((d < 2.0) & (r < size * 0.35), 255.0, 0.0)
+            img = np.roll(img, rng.integers(-2, 3, size=2), axis=(0, 1))
+            img = np.clip(img + rng.normal(0, 20, img.shape), 0, 255)
+            images.append(img.astype(np.uint8))
+            labels.append(k)
+    return np.stack(images), np.array(labels, dtype=np.uint8)
+
+
+@pytest.fixture
+def idx_pair(tmp_path: Path) -> tuple[Path, Path]:
+    images, labels = blob_digits(20)
+    return (
+        write_idx(tmp_path / "train-images-idx3-ubyte.gz", images, compress=True),
+        write_idx(tmp_path / "train-labels-idx1-ubyte", labels),
+    )
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """A class-per-folder tree with mixed sizes, modes and formats."""
+    root = tmp_path / "images"
+    images, labels = blob_digits(8, classes=2, size=40)
+    for i, (img, k) in enumerate(zip(images, labels, strict=True)):
+        d = root / f"class_{k}"
+        d.mkdir(parents=True, exist_ok=True)
+        pil = Image.fromarray(img)
+        if i % 4 == 1:
+            pil.convert("RGB").resize((50, 30)).save(d / f"{i}.jpg")
+        elif i % 4 == 2:
+            pil.convert("RGBA").save(d / f"{i}.png")
+        else:
+            pil.save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def pixel_csv(tmp_path: Path) -> Path:
+    images, labels = blob_digits(10, classes=3, size=8)
+    path = tmp_path / "digits.csv"
+    header = "label," + ",".join(f"p{i}" for i in range(64))
+    rows = [
+        f"{k}," + ",".join(str(v) for v in img.ravel())
+        for img, k in zip(images, labels, strict=True)
+    ]
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return path

