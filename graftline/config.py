@@ -180,12 +180,29 @@ class EvaluateParams(_Strict):
     ece_bins: int = Field(default=15, ge=2)
 
 
+class GateParams(_Strict):
+    min_accuracy: float = Field(default=0.9, ge=0, le=1, description="absolute floor")
+    min_improvement: float = Field(
+        default=0.0, ge=0, le=1, description="accuracy gain over the champion required"
+    )
+    alpha: float = Field(
+        default=0.05, gt=0, lt=1, description="McNemar significance level for a win"
+    )
+
+
+class DeployParams(_Strict):
+    model_name: str = Field(
+        default="graftline-digits", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.\- ]+$"
+    )
+    gate: GateParams = GateParams()
+
+
 class Params(_Strict):
     preprocess: PreprocessParams = PreprocessParams()
     pretrain: PretrainParams = PretrainParams()
     finetune: FinetuneParams = FinetuneParams()
     evaluate: EvaluateParams = EvaluateParams()
-    deploy: dict[str, Any] = Field(default_factory=dict)
+    deploy: DeployParams = DeployParams()
 
 
 def _format_error(path: Path, err: ValidationError) -> str:

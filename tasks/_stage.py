@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from graftline import tracking
 from graftline.config import ConfigError, Params, load_params
 from graftline.errors import GraftlineError
 
@@ -23,8 +24,20 @@ def stage_main(name: str, run: Callable[[Params], Any], argv: list[str] | None =
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         params = load_params(args.params)
-        run(params)
-    except (ConfigError, GraftlineError) as err:
+    except ConfigError as err:
         print(f"graftline {name}: error: {err}", file=sys.stderr)
         return 2
+    # Every stage run is recorded in MLflow, under `dvc repro` as under the Prefect flow.
+    with tracking.stage_run(name, getattr(params, name).model_dump()) as mlrun:
+        try:
+            result = run(params)
+        except GraftlineError as err:
+            import mlflow
+
+            mlflow.set_tag("graftline.error", str(err)[:5000])
+            mlflow.end_run(status="FAILED")
+            print(f"graftline {name}: error: {err}", file=sys.stderr)
+            return 2
+        seconds = tracking.log_result(result or {})
+        log.info("%s: logged to MLflow run %s in %.2f s", name, mlrun.info.run_id, seconds)
     return 0

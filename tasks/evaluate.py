@@ -85,7 +85,10 @@ def run(
         plot_learning_curves(curves, report / "learning_curves.png")
     summary = ", ".join(f"{n} acc={metrics[n]['accuracy']:.4f}" for n in probas)
     log.info("evaluate (%d test items, %d train labels): %s", len(test), len(train), summary)
-    return metrics
+    return {
+        "metrics": metrics,
+        "artifacts": [metrics_path, *sorted(report.glob("*.png")), report / "predictions.csv"],
+    }
 
 
 if __name__ == "__main__":

@@ -108,7 +108,11 @@ def run(
         log.info("%s: %s (%.0f images/s)", name, metrics, result.images_per_s)
         results[name] = {"metrics": metrics, "history": result.history}
     write_json(reports / "metrics.json", {k: v["metrics"] for k, v in results.items()})
-    return results
+    return {
+        "metrics": {k: v["metrics"] for k, v in results.items()},
+        "history": {k: v["history"] for k, v in results.items()},
+        "artifacts": [reports / f"{k}_history.csv" for k in results],
+    }
 
 
 if __name__ == "__main__":

@@ -92,7 +92,15 @@ def run(params: Params, out: Path = paths.PROCESSED) -> dict[str, Any]:
     for name, m in (("pretrain", m_pre), ("task", m_task)):
         counts = ", ".join(f"{s}={v['count']}" for s, v in m["splits"].items())
         log.info("%s: %s (%s classes, shape %s)", name, counts, len(m["classes"]), m["shape"])
-    return {"pretrain": m_pre, "task": m_task}
+    return {
+        "metrics": {
+            f"{name}.{split}_count": v["count"]
+            for name, m in (("pretrain", m_pre), ("task", m_task))
+            for split, v in m["splits"].items()
+        },
+        "artifacts": [out / "pretrain" / "manifest.json", out / "task" / "manifest.json"],
+        "manifests": {"pretrain": m_pre, "task": m_task},
+    }
 
 
 if __name__ == "__main__":

@@ -66,7 +66,12 @@ def run(
     write_json(reports / "metrics.json", metrics)
     shutil.rmtree(resume.parent, ignore_errors=True)
     log.info("pretrain: %s (%.0f images/s)", metrics, result.images_per_s)
-    return {"metrics": metrics, "images_per_s": result.images_per_s, "history": result.history}
+    return {
+        "metrics": {**metrics, "images_per_s": result.images_per_s},
+        "history": {"": result.history},
+        "artifacts": [reports / "history.csv"],
+        "images_per_s": result.images_per_s,
+    }
 
 
 if __name__ == "__main__":

@@ -1,0 +1,208 @@
+"""The graftline pipeline as a Prefect flow.
+
+Each of ``preprocess``, ``pretrain``, ``finetune`` and ``evaluate`` runs the DVC stage of the
+same name (``dvc repro --single-item``), so DVC decides what is stale and ``dvc.lock`` stays
+true; the stage's output goes to the Prefect logs. ``deploy`` then logs, registers, gates
+and promotes the model. The flow opens one MLflow parent run and passes its id to every
+stage process (MLflow's active run does not cross processes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from graftline import tracking
+from graftline.config import load_params
+from graftline.errors import GraftlineError
+
+STAGES = ("preprocess", "pretrain", "finetune", "evaluate")
+
+
+class StageFailed(GraftlineError):
+    """A pipeline stage exited non-zero; the message is the stage's own error."""
+
+
+def _transient(_task: Any, _run: Any, state: Any) -> bool:
+    """Retry only what can pass on a second try: locks, connections, timeouts."""
+    try:
+        state.result()
+    except Exception as err:  # the state's exception, re-raised
+        text = f"{type(err).__name__}: {err}".lower()
+        return any(
+            s in text
+            for s in (
+                "unable to acquire lock",
+                "connection",
+                "timed out",
+                "temporarily unavailable",
+                "database is locked",
+                "503",
+            )
+        )
+    return False
+
+
+def run_dvc_stage(stage: str, root: Path, env: dict[str, str]) -> dict[str, Any]:
+    """``dvc repro --single-item <stage>``, streaming its output to the Prefect log."""
+    logger = get_run_logger()
+    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
+    lines: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip()
+        if line:
+            lines.append(line)
+            logger.info(line)
+    if proc.wait() != 0:
+        own = [x for x in lines if f"graftline {stage}: error:" in x or x.startswith("ERROR")]
+        raise StageFailed("\n".join(own or lines[-10:]) or f"stage {stage} failed")
+    ran = any(f"Running stage '{stage}'" in x for x in lines)
+    return {"stage": stage, "ran": ran}
+
+
+@task(name="preprocess", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=_transient)
+def preprocess(root: Path, env: dict[str, str]) -> dict[str, Any]:
+    return run_dvc_stage("preprocess", root, env)
+
+
+@task(name="pretrain", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=_transient)
+def pretrain(root: Path, env: dict[str, str]) -> dict[str, Any]:
+    return run_dvc_stage("pretrain", root, env)
+
+
+@task(name="finetune", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=_transient)
+def finetune(root: Path, env: dict[str, str]) -> dict[str, Any]:
+    return run_dvc_stage("finetune", root, env)
+
+
+@task(name="evaluate", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=_transient)
+def evaluate(root: Path, env: dict[str, str]) -> dict[str, Any]:
+    out = run_dvc_stage("evaluate", root, env)
+    out["metrics"] = json.loads((root / "reports" / "metrics.json").read_text())
+    return out
+
+
+@task(name="deploy", retries=2, retry_delay_seconds=[2, 5, 15], retry_condition_fn=_transient)
+def deploy(root: Path, parent_run_id: str, params_path: Path) -> dict[str, Any]:
+    """Log, register, gate, promote; skipped when the fine-tuned model is already registered."""
+    from tasks import deploy as deploy_task
+
+    logger = get_run_logger()
+    params = load_params(params_path)
+    unchanged = deploy_task.already_registered(params, root)
+    if unchanged is not None:
+        logger.info("deploy: the fine-tuned model is already v%s; nothing to register", unchanged)
+        return {
+            "skipped": True,
+            "version": unchanged,
+            "promoted": False,
+            "markdown": f"Model unchanged since v{unchanged}; nothing registered.\n",
+        }
+    with tracking.stage_run("deploy", params.deploy.model_dump(), root, parent_run_id):
+        result = deploy_task.run(params, root)
+        tracking.log_result(result)
+    logger.info(
+        "deploy: v%s %s: %s",
+        result["version"],
+        "promoted" if result["promoted"] else "not promoted",
+        result["decision"].reason,
+    )
+    return {k: v for k, v in result.items() if k != "decision"} | {
+        "reason": result["decision"].reason
+    }
+
+
+@task(name="push", retries=2, retry_delay_seconds=[2, 5, 15], retry_condition_fn=_transient)
+def push(root: Path, env: dict[str, str]) -> str:
+    """Send data and model artifacts to the DVC remote."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "push"], cwd=root, env=env, capture_output=True, text=True
+    )
+    get_run_logger().info(proc.stdout.strip())
+    if proc.returncode:
+        raise StageFailed(f"dvc push failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout.strip()
+
+
+@flow(name="graftline-pipeline")
+def pipeline(
+    root: str = ".",
+    params: str = "params.yaml",
+    deploy_model: bool = True,
+    push_artifacts: bool = False,
+) -> dict[str, Any]:
+    """preprocess -> pretrain -> finetune -> evaluate -> deploy, under one MLflow parent run."""
+    from mlflow import MlflowClient
+
+    root_path = Path(root).resolve()
+    params_path = (root_path / params).resolve()
+    load_params(params_path)  # fail before any work, naming the bad key
+    exp_id = tracking.configure(root_path)
+    client = MlflowClient()
+    flow_run_id = str(flow_run.id or "")
+    parent = client.create_run(
+        exp_id,
+        run_name="pipeline",
+        tags={
+            "graftline.stage": "pipeline",
+            "graftline.prefect_flow_run_id": flow_run_id,
+            "graftline.git_commit": tracking.git_commit(root_path),
+        },
+    )
+    parent_id = parent.info.run_id
+    env = {
+        **os.environ,
+        tracking.PARENT_RUN_ENV: parent_id,
+        tracking.FLOW_RUN_ENV: flow_run_id,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "DVC_NO_ANALYTICS": "1",
+    }
+    env.pop("MLFLOW_RUN_ID", None)  # it would override the explicit parent (mlflow#15713)
+    try:
+        stages = [t(root_path, env) for t in (preprocess, pretrain, finetune)]
+        evaluated = evaluate(root_path, env)
+        stages.append(evaluated)
+        for key, value in tracking.dvc_lock_hashes(root_path).items():
+            client.set_tag(parent_id, key, value)
+        result: dict[str, Any] = {
+            "stages": stages,
+            "metrics": evaluated["metrics"],
+            "mlflow_run_id": parent_id,
+        }
+        if deploy_model:
+            deployed = deploy(root_path, parent_id, params_path)
+            result["deploy"] = deployed
+            create_markdown_artifact(
+                key="evaluation-report",
+                markdown=deployed["markdown"],
+                description="graftline evaluation and gate decision",
+            )
+        if push_artifacts:
+            result["pushed"] = push(root_path, env)
+    except BaseException:
+        client.set_terminated(parent_id, "FAILED")
+        raise
+    client.set_terminated(parent_id, "FINISHED")
+    return result
+
+
+if __name__ == "__main__":
+    pipeline()

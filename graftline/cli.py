@@ -1,0 +1,170 @@
+"""The ``graftline`` command.
+
+The CLI is the application's entry point, above every layer: it may call the Prefect flows
+(``run``, ``schedule``) and the stage tasks, which the library modules themselves never do;
+those imports happen inside the commands, so importing this module loads none of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from graftline.config import ConfigError, Params, load_params
+from graftline.errors import GraftlineError
+from graftline.registry import Registry
+
+
+DEFAULT_CRON = "0 3 * * 1"  # Mondays 03:00
+
+
+def _registry(params_path: Path) -> tuple[Params, Registry]:
+    from graftline import tracking
+
+    params = load_params(params_path)
+    tracking.configure(".")
+    return params, Registry(params.deploy.model_name)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.pipeline import pipeline
+
+    result = pipeline(
+        root=".", params=str(args.params), deploy_model=not args.no_deploy, push_artifacts=args.push
+    )
+    for name in ("finetuned", "scratch", "svc"):
+        m = result["metrics"].get(name)
+        if m:
+            print(
+                f"{name:10s} accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
+                f"ECE {m['ece']:.4f}"
+            )
+    if "deploy" in result:
+        d = result["deploy"]
+        print(d["markdown"].strip().splitlines()[-1])
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from graftline.data.store import load_split
+    from graftline.registry import gate, score_model
+    from tasks import paths
+
+    params, reg = _registry(args.params)
+    version = str(args.version)
+    reg.version(version)
+    expected = reg.champion_version()
+    if args.force:
+        reason = f"forced by hand: {args.reason}" if args.reason else "forced by hand"
+    else:
+        test = load_split(paths.TASK_DATA, "test")
+        truth = [test.classes[i] for i in test.labels]
+        name = params.deploy.model_name
+        ch = score_model(f"models:/{name}/{version}", test.images, truth)
+        cp = (
+            None
+            if expected is None
+            else score_model(f"models:/{name}/{expected}", test.images, truth)
+        )
+        decision = gate(ch, cp, champion_version=expected, **params.deploy.gate.model_dump())
+        if not decision.passed:
+            print(f"graftline promote: refused: v{version} {decision.reason}", file=sys.stderr)
+            return 2
+        reason = f"by hand: {decision.reason}"
+    event = reg.promote(version, expected_champion=expected, reason=reason)
+    print(f"champion of {reg.name}: v{event['previous'] or '-'} -> v{version} ({reason})")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    _, reg = _registry(args.params)
+    event = reg.rollback(args.reason)
+    print(f"champion of {reg.name}: v{event['previous']} -> v{event['version']} (rollback)")
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    _, reg = _registry(args.params)
+    events = reg.history()
+    if args.json:
+        print(json.dumps(events, indent=2))
+        return 0
+    if not events:
+        print(f"{reg.name}: no champion yet")
+        return 0
+    print(f"{'time (UTC)':20s} {'action':9s} {'champion':>8s} {'was':>5s}  reason")
+    for e in events:
+        was = f"v{e['previous']}" if e["previous"] else "-"
+        print(f"{e['time']:20s} {e['action']:9s} {'v' + e['version']:>8s} {was:>5s}  {e['reason']}")
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from flows.schedule import serve_retraining
+
+    serve_retraining(cron=args.cron, name=args.name, params=str(args.params))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="graftline",
+        description="Pretrain, fine-tune, evaluate and deploy models reproducibly.",
+    )
+    ap.add_argument(
+        "--params",
+        type=Path,
+        default=Path("params.yaml"),
+        help="parameters file (default: params.yaml)",
+    )
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the pipeline as a Prefect flow, then gate and deploy")
+    p.add_argument("--no-deploy", action="store_true", help="stop after evaluate")
+    p.add_argument("--push", action="store_true", help="dvc push data and models afterwards")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "promote", help="make VERSION the champion (through the gate unless --force)"
+    )
+    p.add_argument("version", help="registered model version number")
+    p.add_argument("--force", action="store_true", help="skip the gate (never the race check)")
+    p.add_argument("--reason", default="", help="why, recorded in the history")
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("rollback", help="put back the champion the current one replaced")
+    p.add_argument("--reason", default="manual rollback", help="why, recorded in the history")
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("history", help="champions over time, with reasons")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser("schedule", help="serve the scheduled retraining deployment (Prefect)")
+    p.add_argument(
+        "--cron", default=DEFAULT_CRON, help=f"cron schedule (default: {DEFAULT_CRON!r})"
+    )
+    p.add_argument("--name", default="scheduled-retraining", help="deployment name")
+    p.set_defaults(func=cmd_schedule)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(message)s",
+    )
+    try:
+        return args.func(args)
+    except (ConfigError, GraftlineError) as err:
+        print(f"graftline {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""One prediction path for every way the model is used: MLflow pyfunc, HTTP, batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def predict_frame(
+    model: nn.Module, classes: list[str], pixels: np.ndarray, batch_size: int = 1024
+) -> pd.DataFrame:
+    """Predict float pixels ``(N, C, H, W)`` in [0, 255].
+
+    Returns one row per image: ``class``, ``probability`` and ``p_<class>`` for every class.
+    """
+    model.eval()
+    x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
+    parts = [
+        torch.softmax(model(x[i : i + batch_size] / 255.0), dim=1)
+        for i in range(0, len(x), batch_size)
+    ]
+    proba = torch.cat(parts).numpy() if parts else np.zeros((0, len(classes)), np.float32)
+    top = proba.argmax(1)
+    out = pd.DataFrame(
+        {"class": [classes[i] for i in top], "probability": proba.max(1).astype(np.float64)}
+    )
+    for i, c in enumerate(classes):
+        out[f"p_{c}"] = proba[:, i].astype(np.float64)
+    return out

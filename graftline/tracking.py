@@ -1,0 +1,168 @@
+"""MLflow runs for the stages, and the lineage every run and model version carries.
+
+Nothing here runs at import. The tracking URI defaults to ``sqlite:///<repo>/mlflow.db``
+and follows ``MLFLOW_TRACKING_URI`` when it is set. A stage started by the Prefect flow
+finds its parent run id in ``GRAFTLINE_PARENT_RUN_ID`` (MLflow's active run does not cross
+processes, so the flow passes it explicitly); under plain ``dvc repro`` each stage logs a
+top-level run of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PARENT_RUN_ENV = "GRAFTLINE_PARENT_RUN_ID"
+FLOW_RUN_ENV = "GRAFTLINE_FLOW_RUN_ID"
+EXPERIMENT_ENV = "GRAFTLINE_EXPERIMENT"
+DEFAULT_EXPERIMENT = "graftline"
+
+# dvc.lock outs whose hashes identify what a model came from.
+LINEAGE_OUTS = {
+    "graftline.dvc.task_data": ("preprocess", "data/processed/task"),
+    "graftline.dvc.pretrain_data": ("preprocess", "data/processed/pretrain"),
+    "graftline.dvc.pretrained_backbone": ("pretrain", "models/pretrained"),
+    "graftline.dvc.finetuned_model": ("finetune", "models/finetuned"),
+}
+
+
+def tracking_uri(root: Path | str = ".") -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else a SQLite store at ``<root>/mlflow.db``."""
+    return (
+        os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+    )
+
+
+def experiment_name() -> str:
+    return os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
+
+
+def configure(root: Path | str = ".") -> str:
+    """Point MLflow at the tracking store and the experiment; returns the experiment id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(root))
+    return mlflow.set_experiment(experiment_name()).experiment_id
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists become JSON strings."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name))
+        elif isinstance(value, list | tuple):
+            out[name] = json.dumps(value)
+        else:
+            out[name] = value
+    return out
+
+
+def git_commit(root: Path | str = ".") -> str:
+    """The HEAD commit, with ``-dirty`` when tracked files differ from it."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha
+
+
+def dvc_lock_hashes(root: Path | str = ".") -> dict[str, str]:
+    """The md5 of the task data, pretraining data, backbone and fine-tuned model in dvc.lock."""
+    lock_path = Path(root) / "dvc.lock"
+    try:
+        lock = yaml.safe_load(lock_path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    out = {}
+    for tag, (stage, path) in LINEAGE_OUTS.items():
+        for o in lock.get("stages", {}).get(stage, {}).get("outs", []):
+            if o.get("path") == path and "md5" in o:
+                out[tag] = o["md5"]
+    return out
+
+
+def lineage_tags(root: Path | str = ".") -> dict[str, str]:
+    """Git commit, dvc.lock hashes and the Prefect flow-run id (when run by the flow)."""
+    tags = {"graftline.git_commit": git_commit(root), **dvc_lock_hashes(root)}
+    if os.environ.get(FLOW_RUN_ENV):
+        tags["graftline.prefect_flow_run_id"] = os.environ[FLOW_RUN_ENV]
+    return tags
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str,
+    params: Mapping[str, Any],
+    root: Path | str = ".",
+    parent_run_id: str | None = None,
+) -> Iterator[Any]:
+    """An MLflow run for one stage, nested under the flow's run when there is one.
+
+    The parent comes from ``parent_run_id`` or, in a stage process, ``GRAFTLINE_PARENT_RUN_ID``.
+    """
+    import mlflow
+
+    configure(root)
+    parent = parent_run_id or os.environ.get(PARENT_RUN_ENV) or None
+    tags = {"graftline.stage": stage, **lineage_tags(root)}
+    with mlflow.start_run(
+        run_name=stage, parent_run_id=parent, nested=parent is not None, tags=tags
+    ) as run:
+        mlflow.log_params(flatten(params, stage))
+        yield run
+
+
+def log_result(result: Mapping[str, Any]) -> float:
+    """Log a stage's metrics, learning curves and artifacts to the active run.
+
+    Per-epoch curves go in one batch call, not one call per epoch: against a SQLite store
+    that is milliseconds instead of seconds. Returns the seconds spent logging.
+    """
+    import mlflow
+    from mlflow.entities import Metric
+
+    t0 = time.perf_counter()
+    run = mlflow.active_run()
+    assert run is not None, "log_result needs an active run"
+    metrics = {
+        k: float(v)
+        for k, v in flatten(result.get("metrics", {})).items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    if metrics:
+        mlflow.log_metrics(metrics)
+    now = int(time.time() * 1000)
+    curve: list[Metric] = []
+    for prefix, history in result.get("history", {}).items():
+        for record in history:
+            step = int(record["epoch"])
+            for key, value in record.items():
+                if key != "epoch":
+                    name = f"{prefix}.{key}" if prefix else key
+                    curve.append(Metric(name, float(value), now, step))
+    client = mlflow.MlflowClient()
+    for i in range(0, len(curve), 1000):  # MLflow caps a batch at 1000 metrics
+        client.log_batch(run.info.run_id, metrics=curve[i : i + 1000])
+    for path in result.get("artifacts", []):
+        if Path(path).exists():
+            mlflow.log_artifact(str(path), artifact_path=Path(path).parent.name)
+    return time.perf_counter() - t0

@@ -1,0 +1,181 @@
+"""Task ``deploy``: log the fine-tuned model, register it, gate it against the champion on
+the current test split, and promote it or refuse with a readable reason.
+
+Not a DVC stage: it changes the registry, which ``dvc repro`` must never do.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import graftline
+from graftline import tracking
+from graftline.config import Params
+from graftline.data.store import load_split
+from graftline.errors import ArtifactError
+from graftline.registry import GateDecision, PromotionConflict, Registry, gate, score_model
+from tasks import paths
+from tasks._stage import stage_main
+
+log = logging.getLogger("graftline.deploy")
+
+MODEL_CODE = Path(graftline.__file__).parent / "serve" / "mlflow_model.py"
+
+
+def _requirements() -> list[str]:
+    pins = []
+    for dist in ("torch", "mlflow", "numpy", "pandas", "pydantic", "pyyaml", "scipy"):
+        try:
+            pins.append(f"{dist}=={importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:  # pragma: no cover
+            pins.append(dist)
+    return pins
+
+
+def log_model(checkpoint: Path, example: np.ndarray) -> Any:
+    """Log a checkpoint as an MLflow pyfunc model (models from code; no pickle on load)."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from graftline.models.checkpoint import load_checkpoint
+    from graftline.serve.predict import predict_frame
+
+    model, ckpt = load_checkpoint(checkpoint)
+    signature = infer_signature(example, predict_frame(model, ckpt["classes"], example))
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(MODEL_CODE),
+        artifacts={"checkpoint": str(checkpoint)},
+        code_paths=[str(Path(graftline.__file__).parent)],
+        signature=signature,
+        input_example=example,
+        pip_requirements=_requirements(),
+    )
+
+
+def report_markdown(
+    metrics: dict[str, Any], decision: GateDecision, name: str, version: str, promoted: bool
+) -> str:
+    """The evaluation report: every model side by side, then the gate's decision."""
+    lines = [
+        f"# graftline: {name} v{version}",
+        "",
+        "| model | accuracy | macro-F1 | ECE |",
+        "|---|---|---|---|",
+    ]
+    for m in ("finetuned", "scratch", "svc"):
+        if m in metrics:
+            r = metrics[m]
+            lines.append(f"| {m} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['ece']:.4f} |")
+    if decision.champion_accuracy is not None:
+        lines.append(
+            f"| champion v{decision.champion_version} (re-scored) | "
+            f"{decision.champion_accuracy:.4f} | | |"
+        )
+    verdict = "**promoted** to champion" if promoted else "**not promoted**"
+    lines += ["", f"Test items: {decision.n}. Gate: {verdict}. {decision.reason}."]
+    return "\n".join(lines) + "\n"
+
+
+def already_registered(params: Params, root: Path = Path(".")) -> str | None:
+    """The version already registered from the current fine-tuned model (by its dvc.lock
+    hash), if any: re-registering an unchanged model would only add a duplicate version."""
+    from mlflow import MlflowClient
+
+    tracking.configure(root)
+    md5 = tracking.dvc_lock_hashes(root).get("graftline.dvc.finetuned_model")
+    if not md5:
+        return None
+    name = params.deploy.model_name
+    for mv in MlflowClient().search_model_versions(f"name = '{name}'"):
+        if mv.tags.get("graftline.dvc.finetuned_model") == md5:
+            return str(mv.version)
+    return None
+
+
+def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
+    """Log, register, gate and (if it passes) promote the fine-tuned model."""
+    import mlflow
+
+    p = params.deploy
+    checkpoint = root / paths.FINETUNED / paths.MODEL_FILE
+    if not checkpoint.exists():
+        raise ArtifactError(f"{checkpoint}: no fine-tuned model (run the pipeline first)")
+    test = load_split(root / paths.TASK_DATA, "test")
+    truth = [test.classes[i] for i in test.labels]
+    images = test.images.astype(np.float32)
+    run_id = mlflow.active_run().info.run_id
+    info = log_model(checkpoint, images[:1])
+    # Score what was logged, loaded back through MLflow: this is what will serve, and a
+    # partial write fails here, before any alias moves.
+    challenger_correct = score_model(info.model_uri, images, truth)
+    lineage = tracking.lineage_tags(root)
+    registry = Registry(p.model_name)
+    champion = registry.champion()
+    version = registry.register(info.model_uri, run_id, tags=lineage)
+    champ_version = None if champion is None else str(champion.version)
+    champion_correct = None
+    if champion is not None:
+        try:
+            champion_correct = score_model(f"models:/{p.model_name}/{champ_version}", images, truth)
+        except ValueError as err:  # another input geometry: not comparable on this test set
+            raise ArtifactError(
+                f"champion v{champ_version} cannot be scored on the current test split ({err}); "
+                "promote by hand with `graftline promote VERSION --force`"
+            ) from None
+    decision = gate(
+        challenger_correct, champion_correct, champion_version=champ_version, **p.gate.model_dump()
+    )
+    promoted = False
+    if decision.passed:
+        try:
+            registry.promote(version, expected_champion=champ_version, reason=decision.reason)
+            promoted = True
+        except PromotionConflict as err:
+            decision = GateDecision(
+                False,
+                str(err),
+                decision.challenger_accuracy,
+                decision.champion_accuracy,
+                champ_version,
+                decision.p_value,
+                decision.n,
+            )
+    for key, value in {
+        **decision.as_tags(),
+        "graftline.params": json.dumps(params.model_dump(mode="json"), sort_keys=True)[:5000],
+    }.items():
+        registry.client.set_model_version_tag(p.model_name, version, key, value)
+    mlflow.set_tags({**lineage, "graftline.model_version": version, **decision.as_tags()})
+    metrics_path = root / paths.METRICS
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    markdown = report_markdown(metrics, decision, p.model_name, version, promoted)
+    log.info(
+        "deploy: %s v%s %s: %s",
+        p.model_name,
+        version,
+        "promoted" if promoted else "not promoted",
+        decision.reason,
+    )
+    return {
+        "metrics": {
+            "challenger_accuracy": decision.challenger_accuracy,
+            "promoted": float(promoted),
+        },
+        "version": version,
+        "promoted": promoted,
+        "decision": decision,
+        "model_uri": info.model_uri,
+        "markdown": markdown,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(stage_main("deploy", run))
