@@ -17,7 +17,6 @@ from graftline.config import ConfigError, Params, load_params
 from graftline.errors import GraftlineError
 from graftline.registry import Registry
 
-
 DEFAULT_CRON = "0 3 * * 1"  # Mondays 03:00
 
 
