@@ -117,7 +117,7 @@ def deploy(root: Path, parent_run_id: str, params_path: Path) -> dict[str, Any]:
             "markdown": f"Model unchanged since v{unchanged}; nothing registered.\n",
         }
     with tracking.stage_run("deploy", params.deploy.model_dump(), root, parent_run_id):
-        result = deploy_task.run(params, root)
+        result = deploy_task.run(params, root, flow_run_id=str(flow_run.id or "") or None)
         tracking.log_result(result)
     logger.info(
         "deploy: v%s %s: %s",

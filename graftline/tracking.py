@@ -100,11 +100,13 @@ def dvc_lock_hashes(root: Path | str = ".") -> dict[str, str]:
     return out
 
 
-def lineage_tags(root: Path | str = ".") -> dict[str, str]:
-    """Git commit, dvc.lock hashes and the Prefect flow-run id (when run by the flow)."""
+def lineage_tags(root: Path | str = ".", flow_run_id: str | None = None) -> dict[str, str]:
+    """Git commit, dvc.lock hashes and the Prefect flow-run id (when run by the flow; from
+    the argument in the flow's process, from ``GRAFTLINE_FLOW_RUN_ID`` in a stage process)."""
     tags = {"graftline.git_commit": git_commit(root), **dvc_lock_hashes(root)}
-    if os.environ.get(FLOW_RUN_ENV):
-        tags["graftline.prefect_flow_run_id"] = os.environ[FLOW_RUN_ENV]
+    flow_run_id = flow_run_id or os.environ.get(FLOW_RUN_ENV)
+    if flow_run_id:
+        tags["graftline.prefect_flow_run_id"] = flow_run_id
     return tags
 
 

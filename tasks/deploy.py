@@ -100,7 +100,7 @@ def already_registered(params: Params, root: Path = Path(".")) -> str | None:
     return None
 
 
-def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
+def run(params: Params, root: Path = Path("."), flow_run_id: str | None = None) -> dict[str, Any]:
     """Log, register, gate and (if it passes) promote the fine-tuned model."""
     import mlflow
 
@@ -116,7 +116,7 @@ def run(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     # Score what was logged, loaded back through MLflow: this is what will serve, and a
     # partial write fails here, before any alias moves.
     challenger_correct = score_model(info.model_uri, images, truth)
-    lineage = tracking.lineage_tags(root)
+    lineage = tracking.lineage_tags(root, flow_run_id)
     registry = Registry(p.model_name)
     champion = registry.champion()
     version = registry.register(info.model_uri, run_id, tags=lineage)

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from graftline.config import FinetuneParams, Params
 from graftline.data.store import load_split, read_manifest
 from graftline.errors import ArtifactError
@@ -63,6 +65,7 @@ def run(
     data_ids = {s: v["sha256"] for s, v in manifest["splits"].items()}
     results: dict[str, Any] = {}
     for name, out in (("finetuned", finetuned_out), ("scratch", scratch_out)):
+        torch.manual_seed(p.seed)  # the new head's initial weights are part of the run's seed
         if name == "finetuned":
             model = graft(base, len(train.classes))
             groups = strategy_groups(model, p)

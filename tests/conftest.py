@@ -163,3 +163,14 @@ def pixel_csv(tmp_path: Path) -> Path:
     ]
     path.write_text("\n".join([header, *rows]) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One temporary Prefect server (SQLite) for the whole session, with its own home."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    os.environ["PREFECT_HOME"] = str(home)
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

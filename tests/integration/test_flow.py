@@ -1,0 +1,110 @@
+"""The Prefect flow end to end on tiny params, under one `prefect_test_harness` per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from flows.pipeline import pipeline
+from graftline import tracking
+from graftline.registry import Registry
+from tests.conftest import TINY_PARAMS, make_repo, sh
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_repo(
+        tmp_path_factory.mktemp("flowrepo"), TINY_PARAMS, tmp_path_factory.mktemp("remote")
+    )
+
+
+@pytest.fixture(autouse=True)
+def local_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv(tracking.EXPERIMENT_ENV, raising=False)
+
+
+def test_flow_runs_dvc_stages_tracks_and_deploys(repo: Path) -> None:
+    result = pipeline(root=str(repo), push_artifacts=True)
+    assert [s["stage"] for s in result["stages"]] == [
+        "preprocess",
+        "pretrain",
+        "finetune",
+        "evaluate",
+    ]
+    assert all(s["ran"] for s in result["stages"])
+    # DVC stayed the judge of staleness: nothing left to do afterwards.
+    assert "up to date" in sh(["dvc", "status"], repo).stdout
+    assert "Running stage" not in sh(["dvc", "repro"], repo).stdout
+    assert "in sync" in sh(["dvc", "status", "--cloud"], repo).stdout
+
+    # MLflow: one parent run, a nested run per stage, lineage on the model version.
+    tracking.configure(repo)
+    client = MlflowClient()
+    parent = client.get_run(result["mlflow_run_id"])
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    stages = sorted(r.data.tags["graftline.stage"] for r in children)
+    assert stages == ["deploy", "evaluate", "finetune", "preprocess", "pretrain"]
+    finetune_run = next(r for r in children if r.data.tags["graftline.stage"] == "finetune")
+    assert "finetuned.val_acc" in finetune_run.data.metrics
+    assert len(client.get_metric_history(finetune_run.info.run_id, "finetuned.train_loss")) == 3
+    assert finetune_run.data.params["finetune.strategy"] == "gradual"
+    evaluate_run = next(r for r in children if r.data.tags["graftline.stage"] == "evaluate")
+    assert "finetuned.accuracy" in evaluate_run.data.metrics
+
+    reg = Registry("tiny-digits")
+    version = result["deploy"]["version"]
+    tags = reg.version(version).tags
+    for key in (
+        "graftline.git_commit",
+        "graftline.dvc.task_data",
+        "graftline.dvc.pretrained_backbone",
+        "graftline.prefect_flow_run_id",
+        "graftline.gate.reason",
+        "graftline.params",
+    ):
+        assert tags.get(key), key
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    task_md5 = next(
+        o["md5"] for o in lock["stages"]["preprocess"]["outs"] if o["path"] == "data/processed/task"
+    )
+    assert tags["graftline.dvc.task_data"] == task_md5
+    if result["deploy"]["promoted"]:
+        assert reg.champion_version() == version
+
+    # The evaluation report reached Prefect as a markdown artifact.
+    from prefect.artifacts import Artifact
+
+    artifact = Artifact.get("evaluation-report")
+    assert artifact is not None and "| finetuned |" in str(artifact.data)
+
+
+def test_warm_rerun_changes_nothing(repo: Path) -> None:
+    before = Registry("tiny-digits")
+    tracking.configure(repo)
+    versions = len(before.client.search_model_versions("name = 'tiny-digits'"))
+    result = pipeline(root=str(repo))
+    assert not any(s["ran"] for s in result["stages"])
+    assert result["deploy"]["skipped"]
+    assert len(before.client.search_model_versions("name = 'tiny-digits'")) == versions
+
+
+def test_failed_stage_fails_the_flow_with_its_message(repo: Path) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["preprocess"]["task"]["source"] = {"kind": "csv", "path": "data/raw/nope.csv"}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    lock = (repo / "dvc.lock").read_text()
+    try:
+        state = pipeline(root=str(repo), return_state=True)
+        assert state.is_failed()
+        assert "data/raw/nope.csv: CSV file not found" in state.message
+        assert (repo / "dvc.lock").read_text() == lock
+    finally:
+        sh(["git", "checkout", "--", "params.yaml"], repo)
