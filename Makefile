@@ -7,7 +7,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: help install run repro test lint format bench clean
+.PHONY: help install run repro schedule mlflow-ui test lint format bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -22,10 +22,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create or update the virtual environment
 
-run: $(STAMP)  ## run the whole pipeline on the default data (dvc repro)
+run: $(STAMP)  ## run the whole pipeline on the default data (Prefect flow: DVC stages, MLflow, gate, deploy)
+	$(BIN)/graftline run
+
+repro: $(STAMP)  ## reproduce the DVC pipeline only (no registry changes)
 	$(BIN)/dvc repro
 
-repro: run
+schedule: $(STAMP)  ## serve the scheduled retraining deployment (Prefect; Ctrl-C stops)
+	$(BIN)/graftline schedule
+
+mlflow-ui: $(STAMP)  ## the MLflow UI on http://127.0.0.1:5000 (runs, registry, aliases)
+	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db
 
 test: $(STAMP)  ## lint, format check and the test suite
 	$(BIN)/ruff check .
