@@ -269,3 +269,65 @@ def test_cli_promote_rollback_history(root: Path, trained: torch.nn.Module) -> N
     assert "forced by hand: hotfix" in hist.stdout and "rollback" in hist.stdout
     missing = cli("promote", "99")
     assert missing.returncode == 2 and "no version 99" in missing.stderr
+
+
+def test_mlflow_models_serve_answers(root: Path, trained: torch.nn.Module, store: str) -> None:
+    """The registered champion is servable by `mlflow models serve --env-manager local`."""
+    write_model(root, trained, dead_classes=[])
+    params = parse_params({"deploy": {"model_name": "served", "gate": {"min_accuracy": 0.5}}})
+    version = deploy_once(root, params)["version"]
+    port = free_port()
+    log = (root / "serve.log").open("w")
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": store,
+        "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            f"models:/served/{version}",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, (
+                    root / "serve.log"
+                ).read_text()
+                time.sleep(0.5)
+        images = blobs(4, 11)
+        body = json.dumps({"inputs": images.images.astype(float).tolist()}).encode()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        answer = json.loads(urllib.request.urlopen(req, timeout=30).read())["predictions"]
+        assert len(answer) == len(images)
+        got = [row["class"] for row in answer]
+        truth = [images.classes[i] for i in images.labels]
+        assert sum(g == t for g, t in zip(got, truth, strict=True)) >= 10  # of 12, held-out
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
