@@ -108,6 +108,54 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from graftline import tracking
+    from graftline.serve.app import serve
+
+    params = load_params(args.params)
+    tracking.configure(".")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not _token_set():
+        print(
+            "graftline serve: warning: listening beyond loopback without GRAFTLINE_API_TOKEN",
+            file=sys.stderr,
+        )
+    serve(
+        params.deploy.model_name,
+        host=args.host,
+        port=args.port,
+        poll_seconds=args.poll,
+        max_batch=args.max_batch,
+    )
+    return 0
+
+
+def _token_set() -> bool:
+    import os
+
+    return bool(os.environ.get("GRAFTLINE_API_TOKEN"))
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from mlflow import MlflowClient
+
+    from graftline import tracking
+    from graftline.serve.batch import predict_batch, read_inputs, summary
+    from graftline.serve.champion import load_version
+
+    params = load_params(args.params)
+    tracking.configure(".")
+    reg = Registry(params.deploy.model_name)
+    version = args.version or reg.champion_version()
+    if version is None:
+        raise GraftlineError(f"model {reg.name!r} has no champion; pass --version")
+    reg.version(version)
+    loaded = load_version(MlflowClient(), reg.name, str(version))
+    ids, pixels = read_inputs(args.input, loaded.input_shape, args.invert)
+    result = predict_batch(loaded, ids, pixels, args.out)
+    print(f"{args.out}: {summary(result)['items']} predictions by {reg.name} v{version}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="graftline",
@@ -142,6 +190,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("history", help="champions over time, with reasons")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser(
+        "serve", help="HTTP service and web page for the champion (follows the alias)"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--poll", type=float, default=2.0, help="seconds between alias checks")
+    p.add_argument("--max-batch", type=int, default=256, help="largest batch per request")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("predict", help="batch prediction: folder of images or CSV -> CSV")
+    p.add_argument("input", type=Path, help="a folder of images or a CSV of pixel columns")
+    p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="output CSV")
+    p.add_argument("--version", help="registered version (default: the champion)")
+    p.add_argument(
+        "--invert",
+        choices=["auto", "never", "always"],
+        default="auto",
+        help="flip dark-on-light images (auto: judged by the border)",
+    )
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("schedule", help="serve the scheduled retraining deployment (Prefect)")
     p.add_argument(

@@ -1,0 +1,266 @@
+"""The HTTP service for the champion: FastAPI, JSON or image uploads, a page to try it.
+
+Endpoints: ``POST /predict`` (JSON pixels), ``POST /predict/image`` (PNG/JPEG uploads),
+``GET /health``, ``GET /ready``, ``GET /model`` and ``GET /`` (draw or upload a digit).
+Bad input is a 4xx with a message, never a 500. Optional bearer-token auth: set
+``GRAFTLINE_API_TOKEN`` and send ``Authorization: Bearer <token>``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.resources import files
+from typing import Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, File, HTTPException, Request, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, Field, ValidationError
+
+from graftline.serve.batch import prepare_image
+from graftline.serve.champion import ChampionFollower, LoadedModel
+
+TOKEN_ENV = "GRAFTLINE_API_TOKEN"
+
+
+class PredictRequest(BaseModel):
+    """One image or a batch of images as pixel arrays (0..255, white digit on black)."""
+
+    inputs: list[Any] = Field(
+        description="a list of images; each is flat (C*H*W numbers), HxW or CxHxW nested lists",
+        examples=[[[0.0] * 784]],
+    )
+
+
+class ClassProbability(BaseModel):
+    class_: str = Field(alias="class")
+    probability: float
+
+
+class Prediction(BaseModel):
+    class_: str = Field(alias="class")
+    probability: float
+    top: list[ClassProbability]
+
+
+class PredictResponse(BaseModel):
+    model_name: str
+    model_version: str
+    predictions: list[Prediction]
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+def _answer(loaded: LoadedModel, name: str, pixels: np.ndarray) -> dict[str, Any]:
+    frame = loaded.predict(pixels)
+    proba = frame[[f"p_{c}" for c in loaded.classes]].to_numpy()
+    k = min(3, len(loaded.classes))
+    order = np.argsort(-proba, axis=1)[:, :k]
+    preds = []
+    for row, top in zip(proba, order, strict=True):
+        preds.append(
+            {
+                "class": loaded.classes[top[0]],
+                "probability": float(row[top[0]]),
+                "top": [{"class": loaded.classes[i], "probability": float(row[i])} for i in top],
+            }
+        )
+    return {"model_name": name, "model_version": loaded.version, "predictions": preds}
+
+
+def _as_pixels(inputs: list[Any], shape: tuple[int, int, int], max_batch: int) -> np.ndarray:
+    """Validate JSON pixel arrays into float32 ``(N, C, H, W)``; raise 4xx on bad input."""
+    if not inputs:
+        raise HTTPException(400, "inputs is empty: send at least one image")
+    if len(inputs) > max_batch:
+        raise HTTPException(413, f"batch of {len(inputs)} images is over the limit of {max_batch}")
+    c, h, w = shape
+    out = np.empty((len(inputs), c, h, w), dtype=np.float32)
+    for i, item in enumerate(inputs):
+        try:
+            arr = np.asarray(item, dtype=np.float32)
+        except (ValueError, TypeError):
+            raise HTTPException(
+                400, f"inputs[{i}]: not a numeric array (ragged or non-numeric values)"
+            ) from None
+        if (
+            arr.size == c * h * w
+            and arr.ndim in (1, 2, 3)
+            and (arr.ndim == 1 or arr.shape[-2:] == (h, w))
+        ):
+            arr = arr.reshape(c, h, w)
+        else:
+            raise HTTPException(
+                400,
+                f"inputs[{i}]: shape {list(arr.shape)} does not fit the model's input "
+                f"{[c, h, w]} (send {c * h * w} numbers flat, or nested {h}x{w})",
+            )
+        if not np.isfinite(arr).all():
+            raise HTTPException(400, f"inputs[{i}]: contains NaN or Infinity")
+        if arr.min() < 0 or arr.max() > 255:
+            raise HTTPException(400, f"inputs[{i}]: pixel values must lie in [0, 255]")
+        out[i] = arr
+    return out
+
+
+def decode_image(data: bytes, filename: str, shape: tuple[int, int, int]) -> np.ndarray:
+    """An uploaded image of any size and mode, converted as the pipeline converts images;
+    dark-on-light digits (paper, photos) are inverted to the training data's white on black."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return prepare_image(img, shape, invert="auto")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise HTTPException(400, f"{filename}: not a decodable image ({err})") from None
+
+
+def create_app(
+    follower: ChampionFollower,
+    *,
+    max_batch: int = 256,
+    max_upload_bytes: int = 5 * 1024 * 1024,
+    token: str | None = None,
+) -> FastAPI:
+    """The service, around a champion follower (started and stopped with the app)."""
+    token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        follower.start()
+        yield
+        follower.stop()
+
+    app = FastAPI(
+        title="graftline",
+        summary="Predictions from the champion model, following the registry's alias.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+
+    def authorize(request: Request) -> None:
+        if token is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(value.strip(), token):
+            raise HTTPException(
+                401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
+            )
+
+    def champion() -> LoadedModel:
+        loaded = follower.current
+        if loaded is None:
+            raise HTTPException(503, f"no model to serve: {follower.reason}")
+        return loaded
+
+    @app.exception_handler(HTTPException)
+    async def problem(_request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse(
+            {"detail": exc.detail},
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.get("/health", summary="The process is up")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", summary="A model is loaded", responses={503: {"model": Problem}})
+    async def ready() -> JSONResponse:
+        loaded = follower.current
+        if loaded is None:
+            return JSONResponse({"ready": False, "reason": follower.reason}, status_code=503)
+        return JSONResponse(
+            {"ready": True, "model_name": follower.name, "model_version": loaded.version}
+        )
+
+    @app.get(
+        "/model",
+        summary="Version, metrics and lineage of the served model",
+        dependencies=[Depends(authorize)],
+        responses={503: {"model": Problem}},
+    )
+    async def model_info() -> dict[str, Any]:
+        return champion().info
+
+    @app.post(
+        "/predict",
+        response_model=PredictResponse,
+        response_model_by_alias=True,
+        summary="Predict one image or a batch from pixel arrays",
+        dependencies=[Depends(authorize)],
+        responses={400: {"model": Problem}, 413: {"model": Problem}, 503: {"model": Problem}},
+    )
+    async def predict(request: Request) -> JSONResponse:
+        length = int(request.headers.get("content-length") or 0)
+        if length > max_upload_bytes:
+            raise HTTPException(
+                413, f"payload of {length} bytes is over the limit of {max_upload_bytes}"
+            )
+        body = await request.body()
+        if len(body) > max_upload_bytes:
+            raise HTTPException(413, f"payload over the limit of {max_upload_bytes} bytes")
+        try:
+            req = PredictRequest.model_validate_json(body)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+            raise HTTPException(422, f"{where}: {first['msg']}") from None
+        loaded = champion()  # taken once: the whole request uses this version
+        pixels = _as_pixels(req.inputs, loaded.input_shape, max_batch)
+        return JSONResponse(_answer(loaded, follower.name, pixels))
+
+    @app.post(
+        "/predict/image",
+        response_model=PredictResponse,
+        response_model_by_alias=True,
+        summary="Predict uploaded PNG/JPEG images (any size or mode)",
+        dependencies=[Depends(authorize)],
+        responses={400: {"model": Problem}, 413: {"model": Problem}, 503: {"model": Problem}},
+    )
+    async def predict_image(files: list[UploadFile] = File(...)) -> JSONResponse:  # noqa: B008
+        if len(files) > max_batch:
+            raise HTTPException(413, f"{len(files)} files is over the limit of {max_batch}")
+        loaded = champion()
+        images = []
+        for f in files:
+            data = await f.read(max_upload_bytes + 1)
+            if len(data) > max_upload_bytes:
+                raise HTTPException(
+                    413, f"{f.filename}: over the limit of {max_upload_bytes} bytes"
+                )
+            if not data:
+                raise HTTPException(400, f"{f.filename}: empty file")
+            images.append(decode_image(data, f.filename or "upload", loaded.input_shape))
+        return JSONResponse(_answer(loaded, follower.name, np.stack(images)))
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> str:
+        return files("graftline.serve").joinpath("page.html").read_text()
+
+    return app
+
+
+def serve(
+    name: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    poll_seconds: float = 2.0,
+    max_batch: int = 256,
+) -> None:
+    """Run the service with uvicorn (loopback unless told otherwise)."""
+    import torch
+    import uvicorn
+    from mlflow import MlflowClient
+
+    torch.set_num_threads(max(1, min(2, math.floor(os.cpu_count() or 1))))
+    follower = ChampionFollower(name, MlflowClient(), poll_seconds)
+    uvicorn.run(create_app(follower, max_batch=max_batch), host=host, port=port, log_level="info")

@@ -1,0 +1,109 @@
+"""Batch prediction: a folder of images or a CSV of pixels in, a CSV of predictions out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from graftline.data.sources import IMAGE_SUFFIXES
+from graftline.data.transforms import to_geometry
+from graftline.errors import DataError
+from graftline.io import write_text
+from graftline.serve.champion import LoadedModel
+
+
+def prepare_image(
+    img: Image.Image, shape: tuple[int, int, int], invert: str = "auto"
+) -> np.ndarray:
+    """Any PIL image to float ``(C, H, W)`` in [0, 255], white digit on black.
+
+    ``invert``: ``auto`` flips images whose border is light (dark ink on paper), ``always``
+    or ``never``.
+    """
+    arr = to_geometry(img, shape[1], shape[0]).astype(np.float32)
+    if invert == "always":
+        return 255.0 - arr
+    if invert == "auto":
+        border = np.concatenate(
+            [
+                arr[:, 0, :].ravel(),
+                arr[:, -1, :].ravel(),
+                arr[:, :, 0].ravel(),
+                arr[:, :, -1].ravel(),
+            ]
+        )
+        if border.mean() > 127:
+            return 255.0 - arr
+    return arr
+
+
+def read_inputs(
+    path: Path, shape: tuple[int, int, int], invert: str = "auto"
+) -> tuple[list[str], np.ndarray]:
+    """Items and their pixels from a folder of images or a CSV of pixel columns."""
+    c, h, w = shape
+    if path.is_dir():
+        files = sorted(
+            p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not files:
+            raise DataError(f"{path}: no images (looked for {sorted(IMAGE_SUFFIXES)})")
+        pixels = np.empty((len(files), c, h, w), dtype=np.float32)
+        for i, f in enumerate(tqdm(files, desc="reading", unit="image", leave=False)):
+            try:
+                with Image.open(f) as img:
+                    img.load()
+                    pixels[i] = prepare_image(img, shape, invert)
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+                raise DataError(f"{f}: unreadable or truncated image ({err})") from None
+        return [str(f.relative_to(path)) for f in files], pixels
+    if path.suffix.lower() == ".csv":
+        try:
+            df = pd.read_csv(path)
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+            raise DataError(f"{path}: cannot read CSV ({err})") from None
+        ids = df.pop("id").astype(str).tolist() if "id" in df.columns else None
+        df = df.drop(columns=[col for col in ("label",) if col in df.columns])
+        if df.shape[1] != c * h * w:
+            raise DataError(f"{path}: {df.shape[1]} pixel columns, the model takes {c * h * w}")
+        values = df.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float32)
+        bad = ~np.isfinite(values) | (values < 0) | (values > 255)
+        if bad.any():
+            r = int(np.argwhere(bad)[0, 0])
+            raise DataError(f"{path}: row {r + 2} has a missing, non-numeric or out-of-range pixel")
+        ids = ids or [f"row {i + 2}" for i in range(len(df))]
+        return ids, values.reshape(-1, c, h, w)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    raise DataError(f"{path}: expected a folder of images or a .csv file")
+
+
+def predict_batch(
+    loaded: LoadedModel, ids: list[str], pixels: np.ndarray, out: Path, batch_size: int = 256
+) -> pd.DataFrame:
+    """Predict in batches with a progress bar; write ``file,class,probability,model_version``."""
+    parts = []
+    for i in tqdm(
+        range(0, len(pixels), batch_size), desc=f"predicting (v{loaded.version})", unit="batch"
+    ):
+        parts.append(loaded.predict(pixels[i : i + batch_size]))
+    frame = pd.concat(parts, ignore_index=True)
+    result = pd.DataFrame(
+        {
+            "file": ids,
+            "class": frame["class"],
+            "probability": frame["probability"].round(6),
+            "model_version": loaded.version,
+        }
+    )
+    write_text(out, result.to_csv(index=False))
+    return result
+
+
+def summary(result: pd.DataFrame) -> dict[str, Any]:
+    return {"items": len(result), "classes": result["class"].value_counts().to_dict()}

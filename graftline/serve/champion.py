@@ -1,0 +1,134 @@
+"""The champion model, loaded from the MLflow registry and followed as the alias moves.
+
+A background thread re-reads ``models:/<name>@champion`` every few seconds; when the alias
+points at another version it loads that version *beside* the current one and then swaps
+one reference. A request takes the reference once at its start, so a request in flight
+finishes on the model it began with and no request fails during a switch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from graftline.models.checkpoint import load_checkpoint
+from graftline.registry import CHAMPION
+from graftline.serve.predict import predict_frame
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    version: str
+    model: nn.Module
+    classes: list[str]
+    input_shape: tuple[int, int, int]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def predict(self, pixels: np.ndarray) -> pd.DataFrame:
+        return predict_frame(self.model, self.classes, pixels)
+
+
+def load_version(client: Any, name: str, version: str) -> LoadedModel:
+    """Download one registered version's checkpoint and rebuild it (weights only, no pickle)."""
+    import mlflow
+
+    mv = client.get_model_version(name, version)
+    root = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}"))
+    found = sorted(root.rglob("model.pt"))
+    if not found:
+        raise FileNotFoundError(f"models:/{name}/{version} has no checkpoint artifact")
+    model, ckpt = load_checkpoint(found[0])
+    metrics: dict[str, float] = {}
+    if mv.run_id:
+        try:
+            metrics = dict(client.get_run(mv.run_id).data.metrics)
+        except Exception:  # a run deleted from tracking must not stop serving
+            metrics = {}
+    info = {
+        "name": name,
+        "version": str(version),
+        "run_id": mv.run_id,
+        "source": mv.source,
+        "classes": list(ckpt["classes"]),
+        "input_shape": list(ckpt["input_shape"]),
+        "metrics": metrics,
+        "tags": dict(mv.tags),
+        "aliases": list(getattr(mv, "aliases", []) or []),
+    }
+    return LoadedModel(str(version), model, list(ckpt["classes"]), tuple(ckpt["input_shape"]), info)
+
+
+class ChampionFollower:
+    """Holds the current champion and follows the alias in a background thread."""
+
+    def __init__(self, name: str, client: Any, poll_seconds: float = 2.0) -> None:
+        self.name = name
+        self.client = client
+        self.poll_seconds = poll_seconds
+        self.current: LoadedModel | None = None
+        self.reason = "not loaded yet"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def refresh(self) -> bool:
+        """Load the champion if the alias moved; returns True when the model changed."""
+        from mlflow.exceptions import MlflowException
+
+        with self._lock:
+            try:
+                mv = self.client.get_model_version_by_alias(self.name, CHAMPION)
+            except MlflowException as err:
+                if self.current is None:
+                    self.reason = f"no champion for model {self.name!r} in the registry"
+                log.debug("champion lookup failed: %s", err)
+                return False
+            version = str(mv.version)
+            if self.current is not None and self.current.version == version:
+                return False
+            loaded = load_version(self.client, self.name, version)
+            previous = self.current.version if self.current else None
+            self.current = loaded  # one reference swap: in-flight requests keep the old one
+            self.reason = ""
+            log.info("serving %s v%s (was %s)", self.name, version, previous or "none")
+            return True
+
+    def start(self) -> None:
+        try:
+            self.refresh()
+        except Exception as err:  # serve /health and say why in /ready, rather than crash
+            self.reason = f"cannot load the champion: {err}"
+            log.exception("initial champion load failed")
+        self._thread = threading.Thread(target=self._loop, name="champion-follower", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.refresh()
+            except Exception:  # keep serving the current model; try again next tick
+                log.exception(
+                    "champion refresh failed; still serving v%s",
+                    self.current.version if self.current else "-",
+                )
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.poll_seconds + 5)
+
+    def wait_ready(self, seconds: float) -> bool:
+        deadline = time.time() + seconds
+        while self.current is None and time.time() < deadline:
+            time.sleep(0.1)
+        return self.current is not None

@@ -1,0 +1,67 @@
+"""Small real models of known quality, registered in a real MLflow store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from graftline import tracking
+from graftline.config import Augment, Params, TrainConfig, parse_params
+from graftline.data.dataset import Dataset
+from graftline.data.store import save_splits
+from graftline.models import build_classifier, save_checkpoint
+from graftline.train import fit
+from tasks import deploy, paths
+from tests.conftest import blob_digits
+
+MODEL = {"arch": "cnn", "channels": [8, 16], "hidden": 32, "dropout": 0.0}
+PARAMS = parse_params({"deploy": {"model_name": "blobs", "gate": {"min_accuracy": 0.5}}})
+
+
+def blobs(n: int, seed: int) -> Dataset:
+    x, y = blob_digits(n, classes=3, seed=seed)
+    return Dataset(x[:, None], y.astype(np.int64), ["0", "1", "2"], "blobs")
+
+
+@pytest.fixture(scope="session")
+def trained() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_classifier(MODEL, 1, 28, 3)
+    cfg = TrainConfig(epochs=4, batch_size=16, lr=3e-3, augment=Augment(shift=0.05))
+    fit(model, blobs(30, 0), blobs(10, 1), cfg, seed=0, progress=False)
+    return model
+
+
+def write_model(root: Path, model: torch.nn.Module, dead_classes: list[int]) -> None:
+    """The trained model, with some classes never predicted: a model of known quality."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for k in dead_classes:
+        state["head.bias"][k] = -1e4
+    net = build_classifier(MODEL, 1, 28, 3)
+    net.load_state_dict(state)
+    save_checkpoint(
+        root / paths.FINETUNED / paths.MODEL_FILE,
+        net,
+        model_config=MODEL,
+        classes=["0", "1", "2"],
+        input_shape=(1, 28, 28),
+    )
+
+
+def deploy_once(root: Path, params: Params = PARAMS) -> dict:
+    with tracking.stage_run("deploy", params.deploy.model_dump(), root):
+        return deploy.run(params, root)
+
+
+@pytest.fixture
+def sqlite_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A work folder with a task test split and its own SQLite tracking store."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv(tracking.EXPERIMENT_ENV, "serve-tests")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    save_splits(tmp_path / paths.TASK_DATA, {"test": blobs(40, 7)}, {})
+    tracking.configure(tmp_path)
+    return tmp_path
