@@ -144,6 +144,7 @@ def create_app(
         version="0.1.0",
         lifespan=lifespan,
     )
+    app.state.follower = follower
 
     def authorize(request: Request) -> None:
         if token is None:

@@ -1,0 +1,186 @@
+"""The HTTP service against a real MLflow store: readiness, predictions, bad input, auth,
+following the champion alias, OpenAPI, and batch prediction."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from mlflow import MlflowClient
+from PIL import Image
+
+from graftline.registry import Registry
+from graftline.serve.app import create_app
+from graftline.serve.champion import ChampionFollower
+from tests.conftest import ROOT
+from tests.integration.conftest import blobs, deploy_once, write_model
+
+
+def client_for(root: Path, token: str | None = None, **kw: int) -> TestClient:
+    follower = ChampionFollower("blobs", MlflowClient(), poll_seconds=3600)
+    return TestClient(create_app(follower, token=token, **kw))
+
+
+def png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array.astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_no_champion_yet(sqlite_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GRAFTLINE_API_TOKEN", raising=False)
+    with client_for(sqlite_root) as c:
+        assert c.get("/health").json() == {"status": "ok"}
+        ready = c.get("/ready")
+        assert ready.status_code == 503 and "no champion" in ready.json()["reason"]
+        r = c.post("/predict", json={"inputs": [[0.0] * 784]})
+        assert r.status_code == 503 and "no champion" in r.json()["detail"]
+
+
+def test_predictions_bad_input_and_alias_following(
+    sqlite_root: Path, trained: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("GRAFTLINE_API_TOKEN", raising=False)
+    write_model(sqlite_root, trained, dead_classes=[2])
+    v1 = deploy_once(sqlite_root)["version"]
+    test = blobs(10, 21)
+    with client_for(sqlite_root, max_batch=8, max_upload_bytes=200_000) as c:
+        assert c.get("/ready").json() == {"ready": True, "model_name": "blobs", "model_version": v1}
+        one = c.post("/predict", json={"inputs": [test.images[0, 0].tolist()]}).json()
+        assert one["model_version"] == v1 and len(one["predictions"]) == 1
+        assert len(one["predictions"][0]["top"]) == 3
+        flat = [img.ravel().tolist() for img in test.images[:8]]
+        batch = c.post("/predict", json={"inputs": flat}).json()["predictions"]
+        truth = [test.classes[i] for i in test.labels[:8]]
+        assert sum(p["class"] == t for p, t in zip(batch, truth, strict=True)) >= 4
+        assert all(p["class"] != "2" for p in batch)  # v1 never predicts class 2
+
+        # an upload of any size and mode, dark ink on white paper
+        paper = 255 - np.kron(test.images[0, 0], np.ones((3, 3)))
+        up = c.post("/predict/image", files=[("files", ("d.png", png(paper), "image/png"))])
+        assert up.status_code == 200 and up.json()["model_version"] == v1
+
+        bad = {
+            "wrong shape": ({"inputs": [[1.0] * 10]}, 400, "does not fit"),
+            "non-numeric": ({"inputs": [["a"] * 784]}, 400, "not a numeric array"),
+            "ragged": ({"inputs": [[[1, 2], [3]]]}, 400, "inputs[0]"),
+            "empty": ({"inputs": []}, 400, "empty"),
+            "too many": ({"inputs": [[0.0] * 784] * 9}, 413, "over the limit of 8"),
+            "out of range": ({"inputs": [[300.0] * 784]}, 400, "[0, 255]"),
+            "missing key": ({"images": []}, 422, "inputs"),
+        }
+        for name, (body, status, needle) in bad.items():
+            r = c.post("/predict", json=body)
+            assert r.status_code == status and needle in r.json()["detail"], name
+        nan = c.post(
+            "/predict",
+            content=b'{"inputs": [[NaN' + b", 0" * 783 + b"]]}",
+            headers={"content-type": "application/json"},
+        )
+        assert 400 <= nan.status_code < 500
+        assert c.post("/predict", content=b"{not json").status_code == 422
+        huge = c.post("/predict", content=b" " * 300_000)
+        assert huge.status_code == 413
+        junk = c.post("/predict/image", files=[("files", ("x.png", b"garbage", "image/png"))])
+        assert junk.status_code == 400 and "x.png: not a decodable image" in junk.json()["detail"]
+        assert c.get("/ready").status_code == 200  # still serving
+
+        info = c.get("/model").json()
+        assert info["version"] == v1 and "graftline.git_commit" in info["tags"]
+
+        # promote a better model: the service switches, every answer names its version
+        write_model(sqlite_root, trained, dead_classes=[])
+        v2 = deploy_once(sqlite_root)["version"]
+        assert Registry("blobs").champion_version() == v2
+        # the follower polls hourly here; ask it now, as its timer would
+        assert (
+            _refresh(c) and c.post("/predict", json={"inputs": flat}).json()["model_version"] == v2
+        )
+        Registry("blobs").rollback("test")
+        assert (
+            _refresh(c) and c.post("/predict", json={"inputs": flat}).json()["model_version"] == v1
+        )
+
+
+def _refresh(c: TestClient) -> bool:
+    return c.app.state.follower.refresh()
+
+
+def test_bearer_token(sqlite_root: Path, trained: torch.nn.Module) -> None:
+    write_model(sqlite_root, trained, dead_classes=[])
+    deploy_once(sqlite_root)
+    with client_for(sqlite_root, token="s3cret") as c:
+        body = {"inputs": [[0.0] * 784]}
+        assert c.post("/predict", json=body).status_code == 401
+        assert (
+            c.post("/predict", json=body, headers={"Authorization": "Bearer nope"}).status_code
+            == 401
+        )
+        assert (
+            c.post("/predict", json=body, headers={"Authorization": "Bearer s3cret"}).status_code
+            == 200
+        )
+        assert c.get("/model").status_code == 401
+        assert c.get("/health").status_code == 200 and c.get("/ready").status_code == 200
+
+
+def test_openapi_describes_every_endpoint(sqlite_root: Path) -> None:
+    with client_for(sqlite_root) as c:
+        spec = c.get("/openapi.json").json()
+    assert {"/predict", "/predict/image", "/health", "/ready", "/model"} <= set(spec["paths"])
+    assert "400" in spec["paths"]["/predict"]["post"]["responses"]
+
+
+def test_batch_predict_cli(sqlite_root: Path, trained: torch.nn.Module) -> None:
+    write_model(sqlite_root, trained, dead_classes=[])
+    version = deploy_once(sqlite_root)["version"]
+    (sqlite_root / "params.yaml").write_text(json.dumps({"deploy": {"model_name": "blobs"}}))
+    folder = sqlite_root / "in"
+    folder.mkdir()
+    test = blobs(3, 31)
+    for i, img in enumerate(test.images[:, 0]):
+        Image.fromarray(img).save(folder / f"{i:02d}.png")
+    csv = sqlite_root / "in.csv"
+    header = "id," + ",".join(f"p{i}" for i in range(784))
+    csv.write_text(
+        "\n".join(
+            [header]
+            + [
+                f"x{i}," + ",".join(map(str, img.ravel()))
+                for i, img in enumerate(test.images[:, 0])
+            ]
+        )
+        + "\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "graftline.cli", *args],
+            cwd=sqlite_root,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+
+    for src, out in ((folder, "a.csv"), (csv, "b.csv")):
+        r = cli("predict", str(src), "--out", out)
+        assert r.returncode == 0, r.stderr
+        rows = (sqlite_root / out).read_text().splitlines()
+        assert rows[0] == "file,class,probability,model_version" and len(rows) == 1 + len(test)
+        assert all(row.endswith(f",{version}") for row in rows[1:])
+    truth = [test.classes[i] for i in test.labels]
+    got = [row.split(",")[1] for row in (sqlite_root / "a.csv").read_text().splitlines()[1:]]
+    assert sum(g == t for g, t in zip(got, truth, strict=True)) >= 7
+    (folder / "05.png").write_bytes(b"\x89PNG broken")
+    r = cli("predict", str(folder), "--out", "c.csv")
+    assert r.returncode == 2 and "05.png: unreadable or truncated image" in r.stderr
+    assert not (sqlite_root / "c.csv").exists()
