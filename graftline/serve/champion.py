@@ -21,7 +21,7 @@ from torch import nn
 
 from graftline.models.checkpoint import load_checkpoint
 from graftline.registry import CHAMPION
-from graftline.serve.predict import predict_frame
+from graftline.serve.predict import predict_frame, predict_proba_pixels
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,9 @@ class LoadedModel:
 
     def predict(self, pixels: np.ndarray) -> pd.DataFrame:
         return predict_frame(self.model, self.classes, pixels)
+
+    def predict_proba(self, pixels: np.ndarray) -> np.ndarray:
+        return predict_proba_pixels(self.model, pixels)
 
 
 def load_version(client: Any, name: str, version: str) -> LoadedModel:

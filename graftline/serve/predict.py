@@ -9,6 +9,19 @@ from torch import nn
 
 
 @torch.no_grad()
+def predict_proba_pixels(
+    model: nn.Module, pixels: np.ndarray, batch_size: int = 1024
+) -> np.ndarray:
+    """Class probabilities for float pixels ``(N, C, H, W)`` in [0, 255]."""
+    model.eval()
+    x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
+    parts = [
+        torch.softmax(model(x[i : i + batch_size] / 255.0), dim=1)
+        for i in range(0, len(x), batch_size)
+    ]
+    return torch.cat(parts).numpy() if parts else np.zeros((0, 0), np.float32)
+
+
 def predict_frame(
     model: nn.Module, classes: list[str], pixels: np.ndarray, batch_size: int = 1024
 ) -> pd.DataFrame:
@@ -16,13 +29,9 @@ def predict_frame(
 
     Returns one row per image: ``class``, ``probability`` and ``p_<class>`` for every class.
     """
-    model.eval()
-    x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
-    parts = [
-        torch.softmax(model(x[i : i + batch_size] / 255.0), dim=1)
-        for i in range(0, len(x), batch_size)
-    ]
-    proba = torch.cat(parts).numpy() if parts else np.zeros((0, len(classes)), np.float32)
+    proba = predict_proba_pixels(model, pixels, batch_size)
+    if not len(proba):
+        proba = np.zeros((0, len(classes)), np.float32)
     top = proba.argmax(1)
     out = pd.DataFrame(
         {"class": [classes[i] for i in top], "probability": proba.max(1).astype(np.float64)}
