@@ -14,7 +14,7 @@ import os
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from importlib.resources import files
+from importlib.resources import files as resource_files
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,11 @@ from graftline.serve.batch import prepare_image
 from graftline.serve.champion import ChampionFollower, LoadedModel
 
 TOKEN_ENV = "GRAFTLINE_API_TOKEN"
+UPLOAD_SCHEMA = {
+    "type": "object",
+    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+    "required": ["files"],
+}
 
 
 class PredictRequest(BaseModel):
@@ -195,11 +200,26 @@ def create_app(
         "/predict",
         response_model=PredictResponse,
         response_model_by_alias=True,
-        summary="Predict one image or a batch from pixel arrays",
+        summary="Predict one image or a batch: JSON pixel arrays or uploaded PNG/JPEG files",
         dependencies=[Depends(authorize)],
         responses={400: {"model": Problem}, 413: {"model": Problem}, 503: {"model": Problem}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": PredictRequest.model_json_schema()},
+                    "multipart/form-data": {"schema": UPLOAD_SCHEMA},
+                },
+            }
+        },
     )
     async def predict(request: Request) -> JSONResponse:
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await request.form(max_files=max_batch + 1)
+            uploads = [f for f in form.getlist("files") if not isinstance(f, str)]
+            if not uploads:
+                raise HTTPException(400, "multipart request without 'files'")
+            return await predict_uploads(uploads)
         length = int(request.headers.get("content-length") or 0)
         if length > max_upload_bytes:
             raise HTTPException(
@@ -227,6 +247,9 @@ def create_app(
         responses={400: {"model": Problem}, 413: {"model": Problem}, 503: {"model": Problem}},
     )
     async def predict_image(files: list[UploadFile] = File(...)) -> JSONResponse:  # noqa: B008
+        return await predict_uploads(files)
+
+    async def predict_uploads(files: list[Any]) -> JSONResponse:
         if len(files) > max_batch:
             raise HTTPException(413, f"{len(files)} files is over the limit of {max_batch}")
         loaded = champion()
@@ -244,7 +267,7 @@ def create_app(
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:
-        return files("graftline.serve").joinpath("page.html").read_text()
+        return resource_files("graftline.serve").joinpath("page.html").read_text()
 
     return app
 

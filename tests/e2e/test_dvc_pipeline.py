@@ -52,6 +52,23 @@ def test_repro_from_nothing_then_noop(repo: Path) -> None:
         assert 0.0 <= metrics[m]["accuracy"] <= 1.0 and "ece" in metrics[m]
     assert metrics["svc"]["accuracy"] > 0.5  # a real baseline on real data, not noise
 
+    # Under plain `dvc repro` every stage still logs its MLflow run (no parent).
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("graftline")
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.data.tags["graftline.stage"] for r in runs) == [
+        "evaluate",
+        "finetune",
+        "preprocess",
+        "pretrain",
+    ]
+    assert all("mlflow.parentRunId" not in r.data.tags for r in runs)
+    evaluate_run = next(r for r in runs if r.data.tags["graftline.stage"] == "evaluate")
+    artifacts = {a.path for a in client.list_artifacts(evaluate_run.info.run_id, "evaluate")}
+    assert "evaluate/confusion.png" in artifacts
+
     again = sh(["dvc", "repro"], repo)
     assert ran(again) == []
     status = sh(["dvc", "status"], repo)

@@ -67,6 +67,14 @@ def test_predictions_bad_input_and_alias_following(
         paper = 255 - np.kron(test.images[0, 0], np.ones((3, 3)))
         up = c.post("/predict/image", files=[("files", ("d.png", png(paper), "image/png"))])
         assert up.status_code == 200 and up.json()["model_version"] == v1
+        two = c.post(
+            "/predict",
+            files=[
+                ("files", ("a.png", png(paper), "image/png")),
+                ("files", ("b.jpg", png(paper[::2, ::2]), "image/png")),
+            ],
+        )
+        assert two.status_code == 200 and len(two.json()["predictions"]) == 2
 
         bad = {
             "wrong shape": ({"inputs": [[1.0] * 10]}, 400, "does not fit"),
@@ -136,7 +144,9 @@ def test_openapi_describes_every_endpoint(sqlite_root: Path) -> None:
     with client_for(sqlite_root) as c:
         spec = c.get("/openapi.json").json()
     assert {"/predict", "/predict/image", "/health", "/ready", "/model"} <= set(spec["paths"])
-    assert "400" in spec["paths"]["/predict"]["post"]["responses"]
+    post = spec["paths"]["/predict"]["post"]
+    assert "400" in post["responses"]
+    assert {"application/json", "multipart/form-data"} <= set(post["requestBody"]["content"])
 
 
 def test_batch_predict_cli(sqlite_root: Path, trained: torch.nn.Module) -> None:
