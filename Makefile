@@ -46,8 +46,11 @@ format: $(STAMP)  ## ruff format in place
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(STAMP)  ## benchmarks (see benchmarks/README.md)
+bench: $(STAMP)  ## all benchmarks except full MNIST (see benchmarks/README.md)
 	$(BIN)/python benchmarks/bench_pipeline.py
+	$(BIN)/python benchmarks/bench_throughput.py
+	$(BIN)/python benchmarks/bench_flow.py
+	$(BIN)/python benchmarks/bench_serve.py
 
 clean:  ## remove pipeline outputs (DVC can restore them: dvc checkout)
 	rm -rf data/processed models reports/evaluate .graftline
