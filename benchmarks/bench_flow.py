@@ -32,8 +32,8 @@ def main() -> None:
     args = ap.parse_args()
     repos = []
     try:
-        dvc_repo, flow_repo = copy_repo(), copy_repo()
-        repos += [dvc_repo, flow_repo]
+        dvc_repo, flow_repo, bare_repo = copy_repo(), copy_repo(), copy_repo()
+        repos += [dvc_repo, flow_repo, bare_repo]
         if args.tiny:
             for r in repos:
                 (r / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
@@ -43,6 +43,9 @@ def main() -> None:
         t0 = time.perf_counter()
         cold = run(["graftline", "run"], flow_repo)
         flow_cold = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        run(["graftline", "run", "--no-deploy"], bare_repo)
+        bare_cold = time.perf_counter() - t0
         t0 = time.perf_counter()
         run(["dvc", "repro"], dvc_repo)
         dvc_warm = time.perf_counter() - t0
@@ -59,6 +62,10 @@ def main() -> None:
         print(
             f"cold: dvc repro {dvc_cold:6.1f} s | flow {flow_cold:6.1f} s | "
             f"ratio {flow_cold / dvc_cold:.2f} (target <= 1.15; the flow also registers and gates)"
+        )
+        print(
+            f"cold, flow without deploy (orchestration only): {bare_cold:6.1f} s | "
+            f"ratio {bare_cold / dvc_cold:.2f}"
         )
         print(f"warm: dvc repro {dvc_warm:6.1f} s | flow {flow_warm:6.1f} s (target < 15 s)")
         print(
