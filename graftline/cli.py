@@ -125,6 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         poll_seconds=args.poll,
         max_batch=args.max_batch,
+        max_bytes=args.max_bytes,
     )
     return 0
 
@@ -198,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--poll", type=float, default=2.0, help="seconds between alias checks")
     p.add_argument("--max-batch", type=int, default=256, help="largest batch per request")
+    p.add_argument(
+        "--max-bytes",
+        type=int,
+        default=5 * 1024 * 1024,
+        help="largest request body or uploaded file, in bytes",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("predict", help="batch prediction: folder of images or CSV -> CSV")

@@ -278,6 +278,7 @@ def serve(
     port: int = 8000,
     poll_seconds: float = 2.0,
     max_batch: int = 256,
+    max_bytes: int = 5 * 1024 * 1024,
 ) -> None:
     """Run the service with uvicorn (loopback unless told otherwise)."""
     import torch
@@ -286,4 +287,9 @@ def serve(
 
     torch.set_num_threads(max(1, min(2, math.floor(os.cpu_count() or 1))))
     follower = ChampionFollower(name, MlflowClient(), poll_seconds)
-    uvicorn.run(create_app(follower, max_batch=max_batch), host=host, port=port, log_level="info")
+    uvicorn.run(
+        create_app(follower, max_batch=max_batch, max_upload_bytes=max_bytes),
+        host=host,
+        port=port,
+        log_level="info",
+    )
