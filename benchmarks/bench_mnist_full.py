@@ -1,6 +1,6 @@
 """Pretraining on full MNIST through the pipeline's own IDX source and stages.
 
-    python benchmarks/bench_mnist_full.py --data ../shared/data/mnist [--epochs 8]
+    python benchmarks/bench_mnist_full.py --data ../shared/data/mnist [--epochs 9]
 
 Runs the real `preprocess` and `pretrain` stage functions (IDX loader, validation, splits,
 training loop) in a temporary folder, with the official test files as the test split, then
@@ -34,9 +34,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--data", type=Path, required=True, help="folder with the four MNIST .gz files")
-    ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--epochs", type=int, default=9)
+    ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--label-smoothing", type=float, default=0.1)
+    ap.add_argument("--shift", type=float, default=0.08)
+    ap.add_argument("--rotate", type=float, default=8.0)
+    ap.add_argument("--scale", type=float, default=0.08)
     ap.add_argument("--baseline", action="store_true", help="also time the plain reference loop")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -59,10 +64,11 @@ def main() -> None:
                 "model": {"batch_norm": True},
                 "train": {
                     "epochs": args.epochs,
-                    "batch_size": 128,
+                    "batch_size": args.batch,
+                    "label_smoothing": args.label_smoothing,
                     "lr": args.lr,
                     "schedule": "onecycle",
-                    "augment": {"shift": 0.08, "rotate": 8, "scale": 0.08},
+                    "augment": {"shift": args.shift, "rotate": args.rotate, "scale": args.scale},
                     "num_threads": args.threads,
                 },
             },
