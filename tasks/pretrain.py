@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from graftline.config import Params
 from graftline.data.store import load_split, read_manifest
@@ -35,6 +36,7 @@ def run(
     train, val = load_split(data, "train"), load_split(data, "val")
     c, h, _ = train.images.shape[1:]
     model_cfg = p.model.model_dump()
+    torch.manual_seed(p.seed)  # the initial weights are part of the run's seed
     model = build_classifier(model_cfg, c, h, len(train.classes))
     fp = fingerprint(p.model_dump(), {s: v["sha256"] for s, v in manifest["splits"].items()})
     resume = checkpoints / "pretrain" / "last.pt"
