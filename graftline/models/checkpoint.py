@@ -6,6 +6,7 @@ A checkpoint is a plain dict of tensors, strings and numbers, so it loads with
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,12 @@ def save_checkpoint(
         "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
         **(extra or {}),
     }
+    # Through a buffer: torch.save names the zip's root folder after the file, and the
+    # temporary file's random name would make identical weights hash differently in DVC.
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
     with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+        tmp.write_bytes(buf.getvalue())
 
 
 def read_checkpoint(path: Path | str) -> dict[str, Any]:

@@ -45,3 +45,18 @@ def test_missing_and_foreign_checkpoints(tmp_path: Path) -> None:
 def test_unknown_architecture() -> None:
     with pytest.raises(ValueError, match="unknown architecture 'vit'"):
         build_classifier({**MODEL, "arch": "vit"}, 1, 28, 3)
+
+
+def test_same_weights_give_the_same_file(tmp_path: Path) -> None:
+    """DVC hashes files: a checkpoint of identical weights must be byte-identical."""
+    torch.manual_seed(0)
+    model = build_classifier(MODEL, 1, 28, 3)
+    for name in ("a.pt", "b.pt"):
+        save_checkpoint(
+            tmp_path / name,
+            model,
+            model_config=MODEL,
+            classes=["a", "b", "c"],
+            input_shape=(1, 28, 28),
+        )
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
