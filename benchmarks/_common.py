@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,22 +25,15 @@ def env() -> dict[str, str]:
 
 
 def copy_repo(dest: Path | None = None) -> Path:
-    """The files git would commit, in a new git repo (no dvc.lock, no outputs)."""
+    """The files git would commit, in a new git repo (no dvc.lock, no outputs), with the
+    repo's own params; the same helper the end-to-end tests use."""
+    import yaml
+
+    sys.path.insert(0, str(ROOT))
+    from tests.conftest import make_repo
+
     dest = dest or Path(tempfile.mkdtemp(prefix="graftline-bench-"))
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file() and not f.startswith("reports/") and f != "dvc.lock":
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dest / f)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
-        subprocess.run(cmd, cwd=dest, env=env(), check=True)
-    return dest
+    return make_repo(dest, yaml.safe_load((ROOT / "params.yaml").read_text()))
 
 
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
