@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -244,7 +244,3 @@ class Registry:
 
 def _v(version: str | None) -> str:
     return "no champion" if version is None else f"v{version}"
-
-
-def decision_dict(d: GateDecision) -> dict[str, Any]:
-    return asdict(d)

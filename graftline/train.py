@@ -88,11 +88,12 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_proba(model: nn.Module, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Class probabilities for uint8 ``(N, C, H, W)`` images."""
+    """Class probabilities for ``(N, C, H, W)`` pixels in [0, 255], uint8 or float."""
     model.eval()
     x = torch.from_numpy(np.ascontiguousarray(images))
+    # not to_float: that divides in place, and float input shares the caller's memory
     out = [
-        F.softmax(model(to_float(x[i : i + batch_size])), dim=1)
+        F.softmax(model(x[i : i + batch_size].float() / 255.0), dim=1)
         for i in range(0, len(x), batch_size)
     ]
     return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)

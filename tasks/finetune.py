@@ -28,8 +28,7 @@ log = logging.getLogger("graftline.finetune")
 
 def graft(pretrained: Classifier, num_classes: int) -> Classifier:
     """The pretrained backbone with a fresh head for ``num_classes`` classes."""
-    model = Classifier(pretrained.backbone, num_classes)
-    return model
+    return Classifier(pretrained.backbone, num_classes)
 
 
 def strategy_groups(model: Classifier, p: FinetuneParams) -> list[ParamGroup]:

@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import torch
 from torch import nn
 
+from graftline.train import predict_proba
 
-@torch.no_grad()
-def predict_proba_pixels(
-    model: nn.Module, pixels: np.ndarray, batch_size: int = 1024
-) -> np.ndarray:
+
+def predict_proba_pixels(model: nn.Module, pixels: np.ndarray) -> np.ndarray:
     """Class probabilities for float pixels ``(N, C, H, W)`` in [0, 255]."""
-    model.eval()
-    x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
-    parts = [
-        torch.softmax(model(x[i : i + batch_size] / 255.0), dim=1)
-        for i in range(0, len(x), batch_size)
-    ]
-    return torch.cat(parts).numpy() if parts else np.zeros((0, 0), np.float32)
+    return predict_proba(model, np.asarray(pixels, dtype=np.float32))
 
 
 def predict_frame(
@@ -29,7 +21,7 @@ def predict_frame(
 
     Returns one row per image: ``class``, ``probability`` and ``p_<class>`` for every class.
     """
-    proba = predict_proba_pixels(model, pixels, batch_size)
+    proba = predict_proba(model, np.asarray(pixels, dtype=np.float32), batch_size)
     if not len(proba):
         proba = np.zeros((0, len(classes)), np.float32)
     top = proba.argmax(1)
