@@ -83,3 +83,11 @@ def test_outs_match_the_paths_the_code_writes() -> None:
     assert str(paths.RAW) in dep_paths("preprocess")
     evaluate_outs = out_paths("evaluate") | out_paths("evaluate", "plots")
     assert all(Path(o).parent == paths.EVALUATE_REPORT for o in evaluate_outs)
+
+
+def test_lineage_tags_read_outs_the_stages_declare() -> None:
+    """graftline.tracking names dvc.lock outs for lineage; they must be real stage outs."""
+    from graftline.tracking import LINEAGE_OUTS
+
+    for tag, (stage, path) in LINEAGE_OUTS.items():
+        assert path in out_paths(stage), f"{tag}: {stage} does not write {path}"
