@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,7 @@ from graftline.data.store import save_splits
 from graftline.models import build_classifier, save_checkpoint
 from graftline.train import fit
 from tasks import deploy, paths
-from tests.conftest import blob_digits
+from tests.conftest import ROOT, blob_digits
 
 MODEL = {"arch": "cnn", "channels": [8, 16], "hidden": 32, "dropout": 0.0}
 PARAMS = parse_params({"deploy": {"model_name": "blobs", "gate": {"min_accuracy": 0.5}}})
@@ -65,3 +68,14 @@ def sqlite_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     save_splits(tmp_path / paths.TASK_DATA, {"test": blobs(40, 7)}, {})
     tracking.configure(tmp_path)
     return tmp_path
+
+
+def graftline_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """The `graftline` command, run as a user would, in ``cwd``."""
+    return subprocess.run(
+        [sys.executable, "-m", "graftline.cli", *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+    )

@@ -22,8 +22,8 @@ from graftline.config import parse_params
 from graftline.data.store import save_splits
 from graftline.registry import PromotionConflict, Registry, RegistryError
 from tasks import paths
-from tests.conftest import ROOT, free_port
-from tests.integration.conftest import blobs, deploy_once, write_model
+from tests.conftest import free_port
+from tests.integration.conftest import blobs, deploy_once, graftline_cli, write_model
 
 
 @pytest.fixture(scope="module", params=["sqlite", "server"])
@@ -205,16 +205,9 @@ def test_cli_promote_rollback_history(root: Path, trained: torch.nn.Module) -> N
         {"deploy": {"model_name": "cli-blobs", "gate": {"min_accuracy": 0.99}}}
     )
     v2 = deploy_once(root, params_strict)["version"]  # 0.667, refused by the strict gate
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "graftline.cli", *args],
-            cwd=root,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
+        return graftline_cli(root, *args)
 
     tie = cli("promote", v2)
     assert tie.returncode == 2 and "refused" in tie.stderr and "no better than" in tie.stderr

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +18,7 @@ from PIL import Image
 from graftline.registry import Registry
 from graftline.serve.app import create_app
 from graftline.serve.champion import ChampionFollower
-from tests.conftest import ROOT
-from tests.integration.conftest import blobs, deploy_once, write_model
+from tests.integration.conftest import blobs, deploy_once, graftline_cli, write_model
 
 
 def client_for(root: Path, token: str | None = None, **kw: int) -> TestClient:
@@ -170,16 +167,9 @@ def test_batch_predict_cli(sqlite_root: Path, trained: torch.nn.Module) -> None:
         )
         + "\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "graftline.cli", *args],
-            cwd=sqlite_root,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
+        return graftline_cli(sqlite_root, *args)
 
     for src, out in ((folder, "a.csv"), (csv, "b.csv")):
         r = cli("predict", str(src), "--out", out)
