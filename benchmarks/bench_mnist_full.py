@@ -42,6 +42,10 @@ def main() -> None:
     ap.add_argument("--shift", type=float, default=0.08)
     ap.add_argument("--rotate", type=float, default=8.0)
     ap.add_argument("--scale", type=float, default=0.08)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--channels", type=int, nargs="+", default=[32, 64])
+    ap.add_argument("--dropout", type=float, default=0.25)
+    ap.add_argument("--padding", choices=["valid", "same"], default="valid")
     ap.add_argument("--baseline", action="store_true", help="also time the plain reference loop")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -61,7 +65,13 @@ def main() -> None:
                 },
             },
             "pretrain": {
-                "model": {"batch_norm": True},
+                "model": {
+                    "batch_norm": True,
+                    "channels": args.channels,
+                    "hidden": args.hidden,
+                    "dropout": args.dropout,
+                    "padding": args.padding,
+                },
                 "train": {
                     "epochs": args.epochs,
                     "batch_size": args.batch,

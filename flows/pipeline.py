@@ -2,8 +2,9 @@
 
 Each of ``preprocess``, ``pretrain``, ``finetune`` and ``evaluate`` runs the DVC stage of the
 same name (``dvc repro --single-item``), so DVC decides what is stale and ``dvc.lock`` stays
-true; the stage's output goes to the Prefect logs. ``deploy`` then logs, registers, gates
-and promotes the model. The flow opens one MLflow parent run and passes its id to every
+true; the stage's output goes to the Prefect logs. ``package`` logs the fine-tuned model to
+MLflow and scores it (and the champion) while ``evaluate`` runs; ``deploy`` then registers,
+gates and promotes it. The flow opens one MLflow parent run and passes its id to every
 stage process (MLflow's active run does not cross processes).
 """
 
@@ -14,15 +15,19 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 
 from graftline import tracking
 from graftline.config import load_params
 from graftline.errors import GraftlineError
+
+if TYPE_CHECKING:
+    from tasks.deploy import Packaged
 
 STAGES = ("preprocess", "pretrain", "finetune", "evaluate")
 
@@ -100,24 +105,47 @@ def evaluate(root: Path, env: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+@task(name="package", retries=2, retry_delay_seconds=[2, 5, 15], retry_condition_fn=_transient)
+def package(
+    root: Path, parent_run_id: str, params_path: Path, lineage: dict[str, str]
+) -> Packaged | str:
+    """Log the fine-tuned model to MLflow and score it and the champion; runs beside
+    ``evaluate``. Returns the registered version instead when the model is unchanged."""
+    from tasks import deploy as deploy_task
+
+    params = load_params(params_path)
+    md5 = lineage.get("graftline.dvc.finetuned_model")
+    unchanged = deploy_task.already_registered(params, root, finetuned_md5=md5)
+    if unchanged is not None:
+        return unchanged
+    with tracking.stage_run(
+        "deploy", params.deploy.model_dump(), root, parent_run_id, lineage=lineage
+    ):
+        return deploy_task.package(params, root)
+
+
 @task(name="deploy", retries=2, retry_delay_seconds=[2, 5, 15], retry_condition_fn=_transient)
-def deploy(root: Path, parent_run_id: str, params_path: Path) -> dict[str, Any]:
-    """Log, register, gate, promote; skipped when the fine-tuned model is already registered."""
+def deploy(root: Path, params_path: Path, packaged: Packaged | str) -> dict[str, Any]:
+    """Register, gate, promote; skipped when the fine-tuned model is already registered."""
+    import mlflow
+
     from tasks import deploy as deploy_task
 
     logger = get_run_logger()
-    params = load_params(params_path)
-    unchanged = deploy_task.already_registered(params, root)
-    if unchanged is not None:
-        logger.info("deploy: the fine-tuned model is already v%s; nothing to register", unchanged)
+    if isinstance(packaged, str):
+        logger.info("deploy: the fine-tuned model is already v%s; nothing to register", packaged)
         return {
             "skipped": True,
-            "version": unchanged,
+            "version": packaged,
             "promoted": False,
-            "markdown": f"Model unchanged since v{unchanged}; nothing registered.\n",
+            "markdown": f"Model unchanged since v{packaged}; nothing registered.\n",
         }
-    with tracking.stage_run("deploy", params.deploy.model_dump(), root, parent_run_id):
-        result = deploy_task.run(params, root, flow_run_id=str(flow_run.id or "") or None)
+    params = load_params(params_path)
+    tracking.configure(root)
+    with mlflow.start_run(run_id=packaged.run_id):  # the run `package` opened and logged to
+        result = deploy_task.run(
+            params, root, flow_run_id=str(flow_run.id or "") or None, packaged=packaged
+        )
         tracking.log_result(result)
     logger.info(
         "deploy: v%s %s: %s",
@@ -176,8 +204,14 @@ def pipeline(
         "DVC_NO_ANALYTICS": "1",
     }
     env.pop("MLFLOW_RUN_ID", None)  # it would override the explicit parent (mlflow#15713)
+    packaging: PrefectFuture[Packaged | str] | None = None
     try:
         stages = [t(root_path, env) for t in (preprocess, pretrain, finetune)]
+        if deploy_model:
+            # Packaging needs only finetune's outputs: it runs while evaluate does, and the
+            # registry changes only after evaluate has succeeded.
+            lineage = tracking.lineage_tags(root_path, flow_run_id)
+            packaging = package.submit(root_path, parent_id, params_path, lineage)
         evaluated = evaluate(root_path, env)
         stages.append(evaluated)
         for key, value in tracking.dvc_lock_hashes(root_path).items():
@@ -187,8 +221,8 @@ def pipeline(
             "metrics": evaluated["metrics"],
             "mlflow_run_id": parent_id,
         }
-        if deploy_model:
-            deployed = deploy(root_path, parent_id, params_path)
+        if packaging is not None:
+            deployed = deploy(root_path, params_path, packaging.result())
             result["deploy"] = deployed
             create_markdown_artifact(
                 key="evaluation-report",
@@ -198,6 +232,8 @@ def pipeline(
         if push_artifacts:
             result["pushed"] = push(root_path, env)
     except BaseException:
+        if packaging is not None:
+            packaging.wait()  # let it finish its MLflow writes before the process ends
         client.set_terminated(parent_id, "FAILED")
         raise
     client.set_terminated(parent_id, "FINISHED")

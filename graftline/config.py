@@ -123,6 +123,9 @@ class ModelConfig(_Strict):
     hidden: int = Field(default=128, gt=0, description="width of the dense layer")
     dropout: float = Field(default=0.25, ge=0, lt=1)
     batch_norm: bool = False
+    padding: Literal["valid", "same"] = Field(
+        default="valid", description="3x3 convs: 'valid' (the seed CNN) or 'same' (keeps borders)"
+    )
 
 
 class Augment(_Strict):

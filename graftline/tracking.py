@@ -116,16 +116,18 @@ def stage_run(
     params: Mapping[str, Any],
     root: Path | str = ".",
     parent_run_id: str | None = None,
+    lineage: Mapping[str, str] | None = None,
 ) -> Iterator[Any]:
     """An MLflow run for one stage, nested under the flow's run when there is one.
 
-    The parent comes from ``parent_run_id`` or, in a stage process, ``GRAFTLINE_PARENT_RUN_ID``.
+    The parent comes from ``parent_run_id`` or, in a stage process, ``GRAFTLINE_PARENT_RUN_ID``;
+    the lineage tags are read from ``root`` unless given.
     """
     import mlflow
 
     configure(root)
     parent = parent_run_id or os.environ.get(PARENT_RUN_ENV) or None
-    tags = {"graftline.stage": stage, **lineage_tags(root)}
+    tags = {"graftline.stage": stage, **(lineage if lineage is not None else lineage_tags(root))}
     with mlflow.start_run(
         run_name=stage, parent_run_id=parent, nested=parent is not None, tags=tags
     ) as run:

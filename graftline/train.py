@@ -144,7 +144,13 @@ def fit(
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     torch.use_deterministic_algorithms(True)
+    # Deterministic mode also fills every new tensor with NaN to expose reads of
+    # uninitialised memory; no op used here reads it, and the filling cost ~25% of a step.
+    torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
     torch.manual_seed(seed)
+    # NHWC: oneDNN's convolutions run about 1.5x faster on CPU than in NCHW.
+    layout = torch.channels_last if train.images.ndim == 4 else torch.contiguous_format
+    model.to(memory_format=layout)
     groups = groups or [ParamGroup("model", model)]
     x = torch.from_numpy(np.ascontiguousarray(train.images))
     y = torch.from_numpy(train.labels.astype(np.int64))
@@ -226,6 +232,7 @@ def fit(
             xb = to_float(x[idx])
             a = cfg.augment
             xb = augment_batch(xb, gen, a.shift, a.rotate, a.scale, a.lowres_prob, a.lowres_min)
+            xb = xb.contiguous(memory_format=layout)
             yb = y[idx]
             logits = model(xb)
             loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
@@ -297,6 +304,7 @@ def fit(
 
     for g in groups:
         g.module.requires_grad_(True)
+    model.to(memory_format=torch.contiguous_format)  # checkpoints keep the usual layout
     if best_state is not None:
         model.load_state_dict(best_state)
     else:

@@ -10,6 +10,7 @@ import importlib.metadata
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,13 +85,16 @@ def report_markdown(
     return "\n".join(lines) + "\n"
 
 
-def already_registered(params: Params, root: Path = Path(".")) -> str | None:
+def already_registered(
+    params: Params, root: Path = Path("."), finetuned_md5: str | None = None
+) -> str | None:
     """The version already registered from the current fine-tuned model (by its dvc.lock
-    hash), if any: re-registering an unchanged model would only add a duplicate version."""
+    hash, read from ``root`` unless given), if any: re-registering an unchanged model would
+    only add a duplicate version."""
     from mlflow import MlflowClient
 
     tracking.configure(root)
-    md5 = tracking.dvc_lock_hashes(root).get("graftline.dvc.finetuned_model")
+    md5 = finetuned_md5 or tracking.dvc_lock_hashes(root).get("graftline.dvc.finetuned_model")
     if not md5:
         return None
     name = params.deploy.model_name
@@ -100,11 +104,28 @@ def already_registered(params: Params, root: Path = Path(".")) -> str | None:
     return None
 
 
-def run(params: Params, root: Path = Path("."), flow_run_id: str | None = None) -> dict[str, Any]:
-    """Log, register, gate and (if it passes) promote the fine-tuned model."""
+@dataclass
+class Packaged:
+    """The fine-tuned model logged to MLflow and scored, with the champion scored beside it:
+    everything the gate needs, none of it visible in the registry yet."""
+
+    run_id: str
+    model_uri: str
+    challenger_correct: np.ndarray
+    champion_version: str | None
+    champion_correct: np.ndarray | None
+
+
+def package(params: Params, root: Path = Path(".")) -> Packaged:
+    """Log the fine-tuned model to the active MLflow run and score it, and the champion, on
+    the task test split.
+
+    It needs only what ``finetune`` wrote, so the flow runs it beside ``evaluate``; the
+    registry is not touched until :func:`run`. Scoring the champion early is safe: the
+    promotion re-reads the champion and refuses if it changed since.
+    """
     import mlflow
 
-    p = params.deploy
     checkpoint = root / paths.FINETUNED / paths.MODEL_FILE
     if not checkpoint.exists():
         raise ArtifactError(f"{checkpoint}: no fine-tuned model (run the pipeline first)")
@@ -116,22 +137,44 @@ def run(params: Params, root: Path = Path("."), flow_run_id: str | None = None) 
     # Score what was logged, loaded back through MLflow: this is what will serve, and a
     # partial write fails here, before any alias moves.
     challenger_correct = score_model(info.model_uri, images, truth)
-    lineage = tracking.lineage_tags(root, flow_run_id)
-    registry = Registry(p.model_name)
-    champion = registry.champion()
-    version = registry.register(info.model_uri, run_id, tags=lineage)
+    champion = Registry(params.deploy.model_name).champion()
     champ_version = None if champion is None else str(champion.version)
     champion_correct = None
     if champion is not None:
         try:
-            champion_correct = score_model(f"models:/{p.model_name}/{champ_version}", images, truth)
+            champion_correct = score_model(
+                f"models:/{params.deploy.model_name}/{champ_version}", images, truth
+            )
         except ValueError as err:  # another input geometry: not comparable on this test set
             raise ArtifactError(
                 f"champion v{champ_version} cannot be scored on the current test split ({err}); "
                 "promote by hand with `graftline promote VERSION --force`"
             ) from None
+    return Packaged(run_id, info.model_uri, challenger_correct, champ_version, champion_correct)
+
+
+def run(
+    params: Params,
+    root: Path = Path("."),
+    flow_run_id: str | None = None,
+    packaged: Packaged | None = None,
+) -> dict[str, Any]:
+    """Register, gate and (if it passes) promote the fine-tuned model, packaging it first
+    unless ``packaged`` (from :func:`package`, in the active run) is given."""
+    import mlflow
+
+    p = params.deploy
+    if packaged is None:
+        packaged = package(params, root)
+    lineage = tracking.lineage_tags(root, flow_run_id)
+    registry = Registry(p.model_name)
+    version = registry.register(packaged.model_uri, packaged.run_id, tags=lineage)
+    champ_version = packaged.champion_version
     decision = gate(
-        challenger_correct, champion_correct, champion_version=champ_version, **p.gate.model_dump()
+        packaged.challenger_correct,
+        packaged.champion_correct,
+        champion_version=champ_version,
+        **p.gate.model_dump(),
     )
     promoted = False
     if decision.passed:
@@ -172,7 +215,7 @@ def run(params: Params, root: Path = Path("."), flow_run_id: str | None = None) 
         "version": version,
         "promoted": promoted,
         "decision": decision,
-        "model_uri": info.model_uri,
+        "model_uri": packaged.model_uri,
         "markdown": markdown,
     }
 

@@ -20,6 +20,7 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
         hidden=cfg["hidden"],
         dropout=cfg["dropout"],
         batch_norm=cfg.get("batch_norm", False),
+        padding=cfg.get("padding", "valid"),
     ),
 }
 

@@ -7,9 +7,11 @@ from torch import nn
 
 
 class CNNBackbone(nn.Module):
-    """Conv blocks (3x3 'valid' conv, ReLU, 2x2 max-pool), then flatten and one dense layer.
+    """Conv blocks (3x3 conv, 'valid' or 'same', ReLU, 2x2 max-pool), then flatten and one dense layer.
 
-    ``out_features`` is the width of the feature vector a head sits on.
+    Each block applies the max-pool before the ReLU: the two commute (ReLU is monotonic, so
+    ``relu(max(a)) == max(relu(a))`` exactly, gradients included), and the ReLU then runs on a
+    quarter of the values. ``out_features`` is the width of the feature vector a head sits on.
     """
 
     def __init__(
@@ -20,16 +22,17 @@ class CNNBackbone(nn.Module):
         hidden: int = 128,
         dropout: float = 0.25,
         batch_norm: bool = False,
+        padding: str = "valid",
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c, side = in_channels, image_size
         for width in channels:
-            layers.append(nn.Conv2d(c, width, 3, bias=not batch_norm))
+            layers.append(nn.Conv2d(c, width, 3, padding=padding, bias=not batch_norm))
             if batch_norm:
                 layers.append(nn.BatchNorm2d(width))
-            layers += [nn.ReLU(inplace=True), nn.MaxPool2d(2)]
-            c, side = width, (side - 2) // 2
+            layers += [nn.MaxPool2d(2), nn.ReLU(inplace=True)]
+            c, side = width, (side - (2 if padding == "valid" else 0)) // 2
             if side < 1:
                 raise ValueError(
                     f"image_size {image_size} is too small for {len(channels)} conv blocks"
