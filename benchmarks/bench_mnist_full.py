@@ -1,12 +1,17 @@
 """Pretraining on full MNIST through the pipeline's own IDX source and stages.
 
-    python benchmarks/bench_mnist_full.py --data ../shared/data/mnist [--epochs 9]
+    python benchmarks/bench_mnist_full.py --data ../shared/data/mnist [--seeds 0 1 2] [--baseline]
 
 Runs the real `preprocess` and `pretrain` stage functions (IDX loader, validation, splits,
 training loop) in a temporary folder, with the official test files as the test split, then
-prints test accuracy and training time. Reference, measured in the same run when --baseline
-is given: the seed document's CNN in a plain PyTorch loop (Adam, batch 128).
+prints test accuracy and training time, once per seed (one run can be lucky; the spread over
+seeds is the figure). Reference, measured in the same run when --baseline is given: the seed
+document's CNN in a plain PyTorch loop (Adam, batch 128, fp32).
 Target (issue 2): >= 0.995 test accuracy within 180 s of training on 2 CPU cores.
+
+Defaults: the seed CNN widened to conv 32 -> conv 96 -> dense 256 (dropout 0.1, BatchNorm),
+12 epochs of batch 128 at lr 3e-3 (one-cycle), shifts/rotations/zoom, label smoothing 0.1,
+bf16 mixed precision (use --precision fp32 on CPUs without native bf16).
 """
 
 from __future__ import annotations
@@ -34,18 +39,20 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--data", type=Path, required=True, help="folder with the four MNIST .gz files")
-    ap.add_argument("--epochs", type=int, default=9)
-    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--label-smoothing", type=float, default=0.1)
     ap.add_argument("--shift", type=float, default=0.08)
     ap.add_argument("--rotate", type=float, default=8.0)
     ap.add_argument("--scale", type=float, default=0.08)
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--channels", type=int, nargs="+", default=[32, 64])
-    ap.add_argument("--dropout", type=float, default=0.25)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--channels", type=int, nargs="+", default=[32, 96])
+    ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--padding", choices=["valid", "same"], default="valid")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     ap.add_argument("--baseline", action="store_true", help="also time the plain reference loop")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -80,6 +87,7 @@ def main() -> None:
                     "schedule": "onecycle",
                     "augment": {"shift": args.shift, "rotate": args.rotate, "scale": args.scale},
                     "num_threads": args.threads,
+                    "precision": args.precision,
                 },
             },
         }
@@ -89,22 +97,37 @@ def main() -> None:
         t0 = time.perf_counter()
         preprocess.run(params, out=Path("processed"))
         t_pre = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        result = pretrain.run(
-            params,
-            data=Path("processed/pretrain"),
-            out=Path("model"),
-            reports=Path("reports"),
-            checkpoints=Path("ckpt"),
-        )
-        t_train = time.perf_counter() - t0
-        m = result["metrics"]
-        print(f"preprocess (IDX -> validated splits): {t_pre:.1f} s")
+        print(f"preprocess (IDX -> validated splits): {t_pre:.1f} s", flush=True)
+        runs: list[tuple[float, float]] = []
+        for seed in args.seeds:
+            seeded = params.model_copy(
+                update={"pretrain": params.pretrain.model_copy(update={"seed": seed})}
+            )
+            t0 = time.perf_counter()
+            result = pretrain.run(
+                seeded,
+                data=Path("processed/pretrain"),
+                out=Path(f"model-{seed}"),
+                reports=Path(f"reports-{seed}"),
+                checkpoints=Path(f"ckpt-{seed}"),
+            )
+            t_train = time.perf_counter() - t0
+            m = result["metrics"]
+            runs.append((m["test_acc"], t_train))
+            ok = m["test_acc"] >= 0.995 and t_train <= 180
+            print(
+                f"seed {seed}: {args.epochs} epochs in {t_train:.1f} s "
+                f"({result['images_per_s']:.0f} images/s), val_acc {m['val_acc']:.4f}, "
+                f"MNIST test accuracy {m['test_acc']:.4f}  [{'meets' if ok else 'misses'} "
+                ">= 0.995 in <= 180 s]",
+                flush=True,
+            )
+        accs = [a for a, _ in runs]
         print(
-            f"pretrain: {args.epochs} epochs in {t_train:.1f} s "
-            f"({result['images_per_s']:.0f} images/s), val_acc {m['val_acc']:.4f}"
+            f"test accuracy over {len(runs)} seeds: min {min(accs):.4f}, "
+            f"mean {np.mean(accs):.4f}, max {max(accs):.4f}; "
+            f"training time max {max(t for _, t in runs):.1f} s"
         )
-        print(f"MNIST test accuracy: {m['test_acc']:.4f}  (target >= 0.995 in <= 180 s)")
         if args.baseline:
             from bench_throughput import plain_loop
 

@@ -148,6 +148,11 @@ class TrainConfig(_Strict):
     patience: int | None = Field(default=None, ge=1, description="early-stop patience (epochs)")
     augment: Augment = Augment()
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32",
+        description="bf16: mixed precision (autocast); ~1.7x faster on CPUs with native bf16 "
+        "(AVX512-BF16, AMX), slower elsewhere",
+    )
     num_threads: int | None = Field(default=None, ge=1, description="torch CPU threads")
     max_steps: int | None = Field(default=None, ge=1, description="smoke runs: stop after N steps")
 

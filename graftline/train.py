@@ -234,8 +234,9 @@ def fit(
             xb = augment_batch(xb, gen, a.shift, a.rotate, a.scale, a.lowres_prob, a.lowres_min)
             xb = xb.contiguous(memory_format=layout)
             yb = y[idx]
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                logits = model(xb)
+                loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"{desc}: non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1}; "

@@ -118,3 +118,24 @@ def test_early_stopping_keeps_best_weights() -> None:
     val = data(6, 1)
     acc = (predict_proba(model, val.images).argmax(1) == val.labels).mean()
     assert acc == pytest.approx(result.best_val_acc)
+
+
+def test_bf16_mixed_precision_learns_and_is_deterministic() -> None:
+    cfg = CFG.model_copy(update={"precision": "bf16"})
+    a, b = fresh(), fresh()
+    fit(a, data(30, 0), data(10, 1), cfg, seed=0, progress=False)
+    fit(b, data(30, 0), data(10, 1), cfg, seed=0, progress=False)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k
+        if va.is_floating_point():
+            assert va.dtype == torch.float32, k  # autocast: the weights stay fp32
+    test = data(20, 2)
+    assert (predict_proba(a, test.images).argmax(1) == test.labels).mean() > 0.9
+
+
+def test_trained_weights_come_back_in_the_usual_layout() -> None:
+    # fit trains in channels_last for speed; checkpoints and callers get contiguous NCHW
+    model = fresh()
+    fit(model, data(10, 0), data(4, 1), CFG, seed=0, progress=False)
+    for k, v in model.state_dict().items():
+        assert v.is_contiguous(), k
