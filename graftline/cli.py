@@ -31,12 +31,7 @@ def _registry(params_path: Path) -> tuple[Params, Registry]:
 def cmd_run(args: argparse.Namespace) -> int:
     import os
 
-    from graftline import tracking
-
-    # MLflow's first use (import, schema migrations of a new store) overlaps with the import
-    # of Prefect and the start of its server; the flow's own configure() waits for it.
-    tracking.configure_in_background(".")
-    # Prefect's server would try to send telemetry; offline that only logs an error.
+    # Prefect's temporary server would send telemetry; offline that only logs an error.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.pipeline import pipeline
 
