@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import subprocess
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -46,33 +45,12 @@ def experiment_name() -> str:
     return os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
 
 
-_configure_lock = threading.Lock()
-
-
 def configure(root: Path | str = ".") -> str:
-    """Point MLflow at the tracking store and the experiment; returns the experiment id.
+    """Point MLflow at the tracking store and the experiment; returns the experiment id."""
+    import mlflow
 
-    Thread-safe: the first call in a process imports MLflow and, on a new SQLite store, runs
-    its schema migrations (seconds), so ``graftline run`` starts it in a background thread
-    while Prefect's server starts, and the flow's own call then waits for it.
-    """
-    with _configure_lock:
-        import mlflow
-
-        mlflow.set_tracking_uri(tracking_uri(root))
-        return mlflow.set_experiment(experiment_name()).experiment_id
-
-
-def configure_in_background(root: Path | str = ".") -> threading.Thread:
-    """Start :func:`configure` in a daemon thread (errors surface at the next call)."""
-
-    def warm() -> None:
-        with contextlib.suppress(Exception):  # the flow's own call raises it with context
-            configure(root)
-
-    thread = threading.Thread(target=warm, name="mlflow-warm-up", daemon=True)
-    thread.start()
-    return thread
+    mlflow.set_tracking_uri(tracking_uri(root))
+    return mlflow.set_experiment(experiment_name()).experiment_id
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
