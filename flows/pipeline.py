@@ -56,9 +56,23 @@ def _transient(_task: Any, _run: Any, state: Any) -> bool:
     return False
 
 
+def stage_is_current(stage: str, root: Path) -> bool:
+    """True when ``dvc status`` finds nothing changed for the stage: its deps, params and outs
+    match ``dvc.lock``. Asked in-process (~0.1 s), not by starting ``dvc`` (~0.6 s)."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        # an absolute target: DVC resolves relative ones against the process's cwd
+        return not repo.status(targets=[f"{root.resolve() / 'dvc.yaml'}:{stage}"])
+
+
 def run_dvc_stage(stage: str, root: Path, env: dict[str, str]) -> dict[str, Any]:
-    """``dvc repro --single-item <stage>``, streaming its output to the Prefect log."""
+    """``dvc repro --single-item <stage>``, streaming its output to the Prefect log; a stage
+    that DVC reports unchanged is not started at all."""
     logger = get_run_logger()
+    if stage_is_current(stage, root):
+        logger.info("Stage '%s' didn't change, skipping (dvc status)", stage)
+        return {"stage": stage, "ran": False}
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     proc = subprocess.Popen(
         cmd,

@@ -96,6 +96,23 @@ def test_warm_rerun_changes_nothing(repo: Path) -> None:
     assert len(before.client.search_model_versions("name = 'tiny-digits'")) == versions
 
 
+def test_changed_finetune_param_reruns_only_finetune_and_evaluate(repo: Path) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["finetune"]["seed"] = params["finetune"].get("seed", 0) + 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    try:
+        result = pipeline(root=str(repo), deploy_model=False)
+        assert {s["stage"]: s["ran"] for s in result["stages"]} == {
+            "preprocess": False,
+            "pretrain": False,
+            "finetune": True,
+            "evaluate": True,
+        }
+        assert "changed" not in sh(["dvc", "status"], repo).stdout
+    finally:
+        sh(["git", "checkout", "--", "params.yaml"], repo)
+
+
 def test_failed_stage_fails_the_flow_with_its_message(repo: Path) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["preprocess"]["task"]["source"] = {"kind": "csv", "path": "data/raw/nope.csv"}
