@@ -13,11 +13,14 @@ the flow adds at most 15% to a cold run, and a warm (nothing changed) run takes 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +28,7 @@ import yaml
 from _common import copy_repo, run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.conftest import TINY_PARAMS
+from tests.conftest import TINY_PARAMS, prefect_server
 
 
 def _cold(cmd: list[str], tiny: bool) -> tuple[float, subprocess.CompletedProcess]:
@@ -54,7 +57,23 @@ def main() -> None:
         "hits both alike; medians are compared",
     )
     ap.add_argument("--bare", action="store_true", help="also time the flow without deploy")
+    ap.add_argument(
+        "--server",
+        action="store_true",
+        help="run the flow against a real `prefect server start` (as scheduled runs do) "
+        "instead of Prefect's temporary server, which starts and stops with every run",
+    )
     args = ap.parse_args()
+    with contextlib.ExitStack() as stack:
+        if args.server:
+            home = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            os.environ["PREFECT_API_URL"] = stack.enter_context(prefect_server(home))
+        else:
+            os.environ.pop("PREFECT_API_URL", None)
+        measure(args)
+
+
+def measure(args: argparse.Namespace) -> None:
     dvc_cold: list[float] = []
     flow_cold: list[float] = []
     logging_s: list[float] = []
@@ -93,7 +112,8 @@ def main() -> None:
         shutil.rmtree(warm_repo, ignore_errors=True)
 
     med = statistics.median
-    print(f"params: {'tiny (tests)' if args.tiny else 'default (params.yaml)'}")
+    server = "a running `prefect server start`" if args.server else "Prefect's temporary server"
+    print(f"params: {'tiny (tests)' if args.tiny else 'default (params.yaml)'}; flow on {server}")
     print(
         f"cold, median of {args.repeat}: dvc repro {med(dvc_cold):6.1f} s | flow "
         f"{med(flow_cold):6.1f} s | ratio {med(flow_cold) / med(dvc_cold):.2f} "
