@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -29,8 +30,6 @@ def _registry(params_path: Path) -> tuple[Params, Registry]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import os
-
     # Prefect's temporary server would send telemetry; offline that only logs an error.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.pipeline import pipeline

@@ -122,10 +122,9 @@ def prefect_server(home: Path) -> Iterator[str]:
     }
     env.pop("PREFECT_API_URL", None)
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
+    cmd += ["--port", str(port)]
     with log.open("w") as out:
-        proc = subprocess.Popen(
-            [*cmd, "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT
-        )
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/api"
     try:
         wait_for(f"{url}/health", proc, log)
