@@ -13,16 +13,20 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from graftline.config import ConfigError, Params, load_params
 from graftline.errors import GraftlineError
-from graftline.registry import Registry
+
+if TYPE_CHECKING:
+    from graftline.registry import Registry
 
 DEFAULT_CRON = "0 3 * * 1"  # Mondays 03:00
 
 
 def _registry(params_path: Path) -> tuple[Params, Registry]:
     from graftline import tracking
+    from graftline.registry import Registry
 
     params = load_params(params_path)
     tracking.configure(".")
@@ -30,10 +34,30 @@ def _registry(params_path: Path) -> tuple[Params, Registry]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    load_params(args.params)  # a bad key fails here, before any server or store starts
     # Prefect's temporary server would send telemetry; offline that only logs an error.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.pipeline import pipeline
+    from flows.server import TemporaryServer
 
+    # No API URL in the environment: start Prefect's server first thing, so that its boot
+    # overlaps the imports and MLflow's start-up below instead of following them
+    # (flows/server.py). A URL set in a Prefect profile is only known once Prefect's
+    # settings load; the server then stops unused.
+    server = None if os.environ.get("PREFECT_API_URL") else TemporaryServer().start()
+    from prefect.context import refresh_global_settings_context
+    from prefect.settings import get_current_settings
+
+    if server is not None and get_current_settings().api.url:
+        server.stop()
+        server = None
+    from flows.pipeline import pipeline
+    from graftline import tracking
+
+    tracking.configure(".")  # creates the MLflow store on a first run
+    if server is not None:
+        print(f"graftline run: temporary Prefect server on {server.api_url}", file=sys.stderr)
+        os.environ["PREFECT_API_URL"] = server.wait()
+        refresh_global_settings_context()  # for the flow and Prefect's exit handlers alike
     result = pipeline(
         root=".", params=str(args.params), deploy_model=not args.no_deploy, push_artifacts=args.push
     )
@@ -134,21 +158,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _token_set() -> bool:
-    import os
-
     return bool(os.environ.get("GRAFTLINE_API_TOKEN"))
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from mlflow import MlflowClient
 
-    from graftline import tracking
     from graftline.serve.batch import predict_batch, read_inputs, summary
     from graftline.serve.champion import load_version
 
-    params = load_params(args.params)
-    tracking.configure(".")
-    reg = Registry(params.deploy.model_name)
+    _, reg = _registry(args.params)
     version = args.version or reg.champion_version()
     if version is None:
         raise GraftlineError(f"model {reg.name!r} has no champion; pass --version")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import socket
+import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +16,7 @@ from mlflow import MlflowClient
 from flows.pipeline import pipeline
 from graftline import tracking
 from graftline.registry import Registry
-from tests.conftest import TINY_PARAMS, make_repo, sh
+from tests.conftest import TINY_PARAMS, make_repo, sh, tool_env
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -125,3 +130,49 @@ def test_failed_stage_fails_the_flow_with_its_message(repo: Path) -> None:
         assert (repo / "dvc.lock").read_text() == lock
     finally:
         sh(["git", "checkout", "--", "params.yaml"], repo)
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except OSError:
+        return True
+    return False
+
+
+def test_cli_run_starts_and_stops_its_own_prefect_server(repo: Path, tmp_path: Path) -> None:
+    """`graftline run` with no PREFECT_API_URL: the flow runs on a temporary server that the
+    command starts on loopback, records the run in Prefect's database and stops at exit."""
+    home = tmp_path / "prefect-home"
+    env = tool_env(repo, PREFECT_HOME=str(home))
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "graftline.cli", "run"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = re.search(r"temporary Prefect server on http://127\.0\.0\.1:(\d+)/api", proc.stderr)
+    assert found, proc.stderr[-3000:]
+    assert _refused(int(found.group(1)))  # stopped with the command
+    with sqlite3.connect(home / "prefect.db") as db:
+        states = db.execute(
+            "SELECT flow_run.state_type FROM flow_run JOIN flow ON flow.id = flow_run.flow_id "
+            "WHERE flow.name = 'graftline-pipeline'"
+        ).fetchall()
+    assert states == [("COMPLETED",)]
+    assert "up to date" in sh(["dvc", "status"], repo).stdout
+
+
+def test_cli_run_rejects_bad_params_before_starting_anything(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "r", TINY_PARAMS)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["finetune"]["train"]["epochs"] = -1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = sh([sys.executable, "-m", "graftline.cli", "run"], repo, check=False)
+    assert proc.returncode == 2
+    assert "finetune.train.epochs" in proc.stderr
+    assert "temporary Prefect server" not in proc.stderr
+    assert not (repo / "mlflow.db").exists()
