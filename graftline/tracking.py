@@ -48,9 +48,16 @@ def experiment_name() -> str:
 def configure(root: Path | str = ".") -> str:
     """Point MLflow at the tracking store and the experiment; returns the experiment id."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(tracking_uri(root))
-    return mlflow.set_experiment(experiment_name()).experiment_id
+    own_store = not os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(tracking_uri(root))  # which also sets MLFLOW_TRACKING_URI
+    name = experiment_name()
+    if own_store and mlflow.get_experiment_by_name(name) is None:
+        # Artifacts beside the store, not in whatever the cwd is (MLflow's default `./mlruns`).
+        with contextlib.suppress(MlflowException):  # created meanwhile by another process
+            mlflow.create_experiment(name, (Path(root).resolve() / "mlruns").as_uri())
+    return mlflow.set_experiment(name).experiment_id
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,9 +16,27 @@ from graftline.errors import GraftlineError
 
 log = logging.getLogger("graftline")
 
+# Set by the Prefect flow, which runs DVC in its own process: a file that receives this stage's
+# stdout and stderr, which the flow follows into the Prefect log.
+STAGE_LOG_ENV = "GRAFTLINE_STAGE_LOG"
+
+
+def _output_to_stage_log() -> None:
+    path = os.environ.get(STAGE_LOG_ENV)
+    if not path:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    os.dup2(fd, sys.stdout.fileno())
+    os.dup2(fd, sys.stderr.fileno())
+    os.close(fd)
+    sys.stdout.reconfigure(line_buffering=True)
+
 
 def stage_main(name: str, run: Callable[[Params], Any], argv: list[str] | None = None) -> int:
     """Parse ``--params``, run the stage, and exit 2 with a one-line reason on bad input."""
+    _output_to_stage_log()
     parser = argparse.ArgumentParser(prog=f"python -m tasks.{name}", description=run.__doc__)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
     args = parser.parse_args(argv)

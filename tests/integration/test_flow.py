@@ -90,6 +90,28 @@ def test_flow_runs_dvc_stages_tracks_and_deploys(repo: Path) -> None:
     artifact = Artifact.get("evaluation-report")
     assert artifact is not None and "| finetuned |" in str(artifact.data)
 
+    # Each stage's own output, and DVC's messages about it, reached the Prefect log.
+    messages = prefect_log(parent.data.tags["graftline.prefect_flow_run_id"])
+    for stage in ("preprocess", "pretrain", "finetune", "evaluate"):
+        assert f"Running stage '{stage}'" in messages
+        assert f"graftline {stage}: logged to MLflow run" in messages
+    assert "Updating lock file 'dvc.lock'" in messages
+
+
+def prefect_log(flow_run_id: str) -> str:
+    """Every message the Prefect API holds for a flow run and its tasks."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)  # logs go out in batches
+    log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+    messages: list[str] = []
+    with get_client(sync_client=True) as client:
+        while page := client.read_logs(log_filter=log_filter, limit=200, offset=len(messages)):
+            messages += [x.message for x in page]
+    return "\n".join(messages)
+
 
 def test_warm_rerun_changes_nothing(repo: Path) -> None:
     before = Registry("tiny-digits")
