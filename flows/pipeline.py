@@ -1,11 +1,12 @@
 """The graftline pipeline as a Prefect flow.
 
-Each of ``preprocess``, ``pretrain``, ``finetune`` and ``evaluate`` runs the DVC stage of the
-same name (``dvc repro --single-item``), so DVC decides what is stale and ``dvc.lock`` stays
-true; the stage's output goes to the Prefect logs. ``package`` logs the fine-tuned model to
-MLflow and scores it (and the champion) while ``evaluate`` runs; ``deploy`` then registers,
-gates and promotes it. The flow opens one MLflow parent run and passes its id to every
-stage process (MLflow's active run does not cross processes).
+Each of ``preprocess``, ``pretrain``, ``finetune`` and ``evaluate`` reproduces the DVC stage of
+the same name in this process (``Repo.reproduce``, single item), so DVC decides what is stale
+and ``dvc.lock`` stays true; DVC's messages and the stage process's output go to the Prefect
+log. ``package`` logs the fine-tuned model to MLflow and scores it (and the champion) while
+``evaluate`` runs; ``deploy`` then registers, gates and promotes it. The flow opens one MLflow
+parent run and passes its id to every stage process (MLflow's active run does not cross
+processes).
 """
 
 from __future__ import annotations

@@ -8,12 +8,13 @@ those imports happen inside the commands, so importing this module loads none of
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from graftline.config import ConfigError, Params, load_params
 from graftline.errors import GraftlineError
@@ -263,5 +264,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry_point() -> NoReturn:
+    """The ``graftline`` program: ``main``, then exit."""
+    code = main()
+    # Out of the collector's reach with everything else: the interpreter's exit then skips
+    # its full collections over the ~430k objects that torch, MLflow and Prefect leave
+    # (~1.1 s of every `graftline run`, measured on 2 cores).
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()
