@@ -68,15 +68,6 @@ def _stage_target(stage: str, root: Path) -> str:
     return f"{root.resolve() / 'dvc.yaml'}:{stage}"
 
 
-def stage_is_current(stage: str, root: Path) -> bool:
-    """True when ``dvc status`` finds nothing changed for the stage: its deps, params and outs
-    match ``dvc.lock``."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        return not repo.status(targets=[_stage_target(stage, root)])
-
-
 class _Forward(logging.Handler):
     """Hands DVC's own messages ("Running stage", "Updating lock file") to the task's log."""
 
@@ -254,7 +245,7 @@ def push(root: Path) -> str:
     """Send data and model artifacts to the DVC remote."""
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
+    with Repo(str(root)) as repo, contextlib.chdir(root):
         try:
             count = repo.push()
         except Exception as err:

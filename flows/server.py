@@ -34,6 +34,18 @@ SERVER_ENV = {
 }
 PORT_IN_USE = 3  # uvicorn's exit status when it cannot bind
 
+# `python -m uvicorn`, after asking Linux to send the server SIGTERM when its parent dies
+# (prctl PR_SET_PDEATHSIG): a `graftline run` that is killed leaves no server behind. uvicorn
+# shuts down cleanly on SIGTERM.
+_STOP_WITH_PARENT = """\
+import ctypes, os, runpy, signal, sys
+parent = int(sys.argv.pop(1))
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+if os.getppid() != parent:
+    sys.exit(0)
+runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
+"""
+
 
 class ServerError(GraftlineError):
     """The temporary Prefect server did not start."""
@@ -67,10 +79,12 @@ class TemporaryServer:
         spec = find_spec("prefect")
         if spec is None or spec.origin is None:
             raise ServerError("prefect is not installed")
+        if sys.platform == "linux":  # the server dies with this process, however it ends
+            launch = [sys.executable, "-c", _STOP_WITH_PARENT, str(os.getpid())]
+        else:  # pragma: no cover - elsewhere only a normal exit stops it (as Prefect's own)
+            launch = [sys.executable, "-m", "uvicorn"]
         cmd = [
-            sys.executable,
-            "-m",
-            "uvicorn",
+            *launch,
             "--app-dir",
             str(Path(spec.origin).parent.parent),
             "--factory",

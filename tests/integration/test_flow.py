@@ -7,6 +7,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -198,3 +199,41 @@ def test_cli_run_rejects_bad_params_before_starting_anything(tmp_path: Path) -> 
     assert "finetune.train.epochs" in proc.stderr
     assert "temporary Prefect server" not in proc.stderr
     assert not (repo / "mlflow.db").exists()
+
+
+def test_killed_cli_run_leaves_no_prefect_server(tmp_path: Path) -> None:
+    """However `graftline run` ends, here by SIGKILL, its temporary server goes with it."""
+    repo = make_repo(tmp_path / "r", TINY_PARAMS)
+    env = tool_env(repo, PREFECT_HOME=str(tmp_path / "prefect-home"))
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "graftline.cli", "run"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if found := re.search(
+                r"temporary Prefect server on (http://127\.0\.0\.1:(\d+)/api)", line
+            ):
+                break
+        else:
+            raise AssertionError("the command printed no server address")
+        port = int(found.group(2))
+        deadline = time.monotonic() + 60
+        while _refused(port):  # until the server is up
+            assert time.monotonic() < deadline, "the server never answered"
+            time.sleep(0.1)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 20
+        while not _refused(port):
+            assert time.monotonic() < deadline, f"the server on port {port} outlived the command"
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait()
