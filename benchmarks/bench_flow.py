@@ -6,7 +6,8 @@ in the same run; and the time spent in MLflow logging.
 Each cold measurement uses a fresh temporary copy of the repo (nothing computed yet); cold
 runs of `dvc repro` and of the flow alternate (--repeat pairs) and their medians are compared,
 because this machine's speed drifts by +-10% over minutes.
-The flow runs on Prefect's ephemeral local server, as `make run` does. Targets (issue 3):
+The flow runs on the temporary Prefect server that `graftline run` (`make run`) starts, or with
+--server on a running `prefect server start`. Targets (issue 3):
 the flow adds at most 15% to a cold run, and a warm (nothing changed) run takes under 15 s.
 """
 
@@ -112,12 +113,18 @@ def measure(args: argparse.Namespace) -> None:
         shutil.rmtree(warm_repo, ignore_errors=True)
 
     med = statistics.median
-    server = "a running `prefect server start`" if args.server else "Prefect's temporary server"
+    server = "a running `prefect server start`" if args.server else "its own temporary server"
     print(f"params: {'tiny (tests)' if args.tiny else 'default (params.yaml)'}; flow on {server}")
     print(
         f"cold, median of {args.repeat}: dvc repro {med(dvc_cold):6.1f} s | flow "
         f"{med(flow_cold):6.1f} s | ratio {med(flow_cold) / med(dvc_cold):.2f} "
         f"(target <= 1.15; the flow also logs, registers and gates the model)"
+    )
+    pairs = list(zip(flow_cold, dvc_cold, strict=True))
+    ratios = [f / d for f, d in pairs]
+    print(
+        f"cold, per pair: ratios {' '.join(f'{r:.2f}' for r in ratios)} | median "
+        f"{med(ratios):.2f} | the flow's extra seconds, median {med(f - d for f, d in pairs):.1f}"
     )
     if bare is not None:
         print(f"cold, flow without deploy: {bare:6.1f} s | ratio {bare / med(dvc_cold):.2f}")

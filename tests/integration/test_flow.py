@@ -14,7 +14,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from flows.pipeline import pipeline
+from flows.pipeline import StageFailed, _transient, pipeline
 from graftline import tracking
 from graftline.registry import Registry
 from tests.conftest import TINY_PARAMS, make_repo, sh, tool_env
@@ -151,6 +151,9 @@ def test_failed_stage_fails_the_flow_with_its_message(repo: Path) -> None:
         assert state.is_failed()
         assert "data/raw/nope.csv: CSV file not found" in state.message
         assert (repo / "dvc.lock").read_text() == lock
+        # A deterministic error is not retried: the stage ran once.
+        messages = prefect_log(str(state.state_details.flow_run_id))
+        assert messages.count("Running stage 'preprocess'") == 1
     finally:
         sh(["git", "checkout", "--", "params.yaml"], repo)
 
@@ -237,3 +240,19 @@ def test_killed_cli_run_leaves_no_prefect_server(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("error", "retried"),
+    [
+        (RuntimeError("(sqlite3.OperationalError) database is locked"), True),
+        (ConnectionError("Connection refused"), True),
+        (RuntimeError("503 Service Unavailable"), True),
+        (StageFailed("data/raw/nope.csv: CSV file not found"), False),
+        (ValueError("deploy.gate.min_accuracy: must be <= 1"), False),
+    ],
+)
+def test_only_transient_failures_are_retried(error: Exception, retried: bool) -> None:
+    from prefect.states import Failed
+
+    assert _transient(None, None, Failed(data=error)) is retried
