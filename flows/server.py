@@ -39,9 +39,10 @@ PORT_IN_USE = 3  # uvicorn's exit status when it cannot bind
 # shuts down cleanly on SIGTERM.
 _STOP_WITH_PARENT = """\
 import ctypes, os, runpy, signal, sys
+PR_SET_PDEATHSIG = 1
 parent = int(sys.argv.pop(1))
-ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
-if os.getppid() != parent:
+ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+if os.getppid() != parent:  # the parent died before the line above
     sys.exit(0)
 runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
 """
