@@ -71,6 +71,7 @@ class TemporaryServer:
         self.timeout = timeout
         self.process: subprocess.Popen[bytes] | None = None
         self._ready = False
+        atexit.register(self.stop)
 
     @property
     def api_url(self) -> str:
@@ -102,7 +103,6 @@ class TemporaryServer:
         env = {**os.environ, **SERVER_ENV}
         env.pop("PREFECT_API_URL", None)
         self.process = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
-        atexit.register(self.stop)
         return self
 
     def wait(self) -> str:

@@ -158,6 +158,16 @@ def test_failed_stage_fails_the_flow_with_its_message(repo: Path) -> None:
         sh(["git", "checkout", "--", "params.yaml"], repo)
 
 
+SERVER_LINE = re.compile(r"temporary Prefect server on http://127\.0\.0\.1:(\d+)/api")
+
+
+def _no_api_env(repo: Path, home: Path) -> dict[str, str]:
+    """What `graftline run` gets in these tests: no Prefect API set, its own Prefect home."""
+    env = tool_env(repo, PREFECT_HOME=str(home))
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
 def _refused(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
@@ -170,8 +180,7 @@ def test_cli_run_starts_and_stops_its_own_prefect_server(repo: Path, tmp_path: P
     """`graftline run` with no PREFECT_API_URL: the flow runs on a temporary server that the
     command starts on loopback, records the run in Prefect's database and stops at exit."""
     home = tmp_path / "prefect-home"
-    env = tool_env(repo, PREFECT_HOME=str(home))
-    env.pop("PREFECT_API_URL", None)
+    env = _no_api_env(repo, home)
     proc = subprocess.run(
         [sys.executable, "-m", "graftline.cli", "run"],
         cwd=repo,
@@ -180,7 +189,7 @@ def test_cli_run_starts_and_stops_its_own_prefect_server(repo: Path, tmp_path: P
         text=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    found = re.search(r"temporary Prefect server on http://127\.0\.0\.1:(\d+)/api", proc.stderr)
+    found = SERVER_LINE.search(proc.stderr)
     assert found, proc.stderr[-3000:]
     assert _refused(int(found.group(1)))  # stopped with the command
     with sqlite3.connect(home / "prefect.db") as db:
@@ -207,8 +216,7 @@ def test_cli_run_rejects_bad_params_before_starting_anything(tmp_path: Path) -> 
 def test_killed_cli_run_leaves_no_prefect_server(tmp_path: Path) -> None:
     """However `graftline run` ends, here by SIGKILL, its temporary server goes with it."""
     repo = make_repo(tmp_path / "r", TINY_PARAMS)
-    env = tool_env(repo, PREFECT_HOME=str(tmp_path / "prefect-home"))
-    env.pop("PREFECT_API_URL", None)
+    env = _no_api_env(repo, tmp_path / "prefect-home")
     proc = subprocess.Popen(
         [sys.executable, "-m", "graftline.cli", "run"],
         cwd=repo,
@@ -220,13 +228,11 @@ def test_killed_cli_run_leaves_no_prefect_server(tmp_path: Path) -> None:
     try:
         assert proc.stderr is not None
         for line in proc.stderr:
-            if found := re.search(
-                r"temporary Prefect server on (http://127\.0\.0\.1:(\d+)/api)", line
-            ):
+            if found := SERVER_LINE.search(line):
                 break
         else:
             raise AssertionError("the command printed no server address")
-        port = int(found.group(2))
+        port = int(found.group(1))
         deadline = time.monotonic() + 60
         while _refused(port):  # until the server is up
             assert time.monotonic() < deadline, "the server never answered"
