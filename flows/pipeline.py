@@ -23,12 +23,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psutil
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 
-from graftline import tracking
+from graftline import processes, tracking
 from graftline.config import load_params
 from graftline.errors import GraftlineError
 from tasks._stage import STAGE_LOG_ENV
@@ -149,6 +150,10 @@ def run_dvc_stage(stage: str, root: Path, run_env: dict[str, str]) -> dict[str, 
         if not repo.status(targets=[target]):
             logger.info("Stage '%s' didn't change, skipping (dvc status)", stage)
             return {"stage": stage, "ran": False}
+        # DVC leaves the stage process running when this one is interrupted (SIGTERM from a
+        # cancellation, Ctrl-C): stop what the stage started, but not what was here before
+        # (the temporary Prefect server of `graftline run`).
+        others = {p.pid for p in psutil.Process().children(recursive=True)}
         try:
             # DVC resolves some paths against the process's cwd (stage/cache.py, dvc 3.67):
             # the stage runs from the repo root, as under `dvc repro`.
@@ -162,6 +167,10 @@ def run_dvc_stage(stage: str, root: Path, run_env: dict[str, str]) -> dict[str, 
             own = [x for x in lines if f"graftline {stage}: error:" in x]
             cause = f"{err}: {err.__cause__}" if err.__cause__ else str(err)
             raise StageFailed("\n".join(own) or "\n".join([*lines[-10:], cause])) from err
+        except BaseException:
+            stopped = processes.stop_descendants(exclude=others)
+            logger.warning("Stage '%s' interrupted; stopped its processes %s", stage, stopped)
+            raise
     return {"stage": stage, "ran": bool(ran)}
 
 
@@ -316,10 +325,11 @@ def pipeline(
             )
         if push_artifacts:
             result["pushed"] = push(root_path)
-    except BaseException:
+    except BaseException as err:
         if packaging is not None:
             packaging.wait()  # let it finish its MLflow writes before the process ends
-        client.set_terminated(parent_id, "FAILED")
+        # Exceptions fail the run; a signal (cancellation, Ctrl-C) kills it.
+        client.set_terminated(parent_id, "FAILED" if isinstance(err, Exception) else "KILLED")
         raise
     client.set_terminated(parent_id, "FINISHED")
     return result

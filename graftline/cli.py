@@ -36,29 +36,18 @@ def _registry(params_path: Path) -> tuple[Params, Registry]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     load_params(args.params)  # a bad key fails here, before any server or store starts
-    # Prefect's temporary server would send telemetry; offline that only logs an error.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.server import TemporaryServer
+    from flows.server import connect, start_unless_configured
 
-    # No API URL in the environment: start Prefect's server first thing, so that its boot
-    # overlaps the imports and MLflow's start-up below instead of following them
-    # (flows/server.py). A URL set in a Prefect profile is only known once Prefect's
-    # settings load; the server then stops unused.
-    server = None if os.environ.get("PREFECT_API_URL") else TemporaryServer().start()
-    from prefect.context import refresh_global_settings_context
-    from prefect.settings import get_current_settings
-
-    if server is not None and get_current_settings().api.url:
-        server.stop()
-        server = None
+    # Prefect's server starts first thing, so that its boot overlaps the imports and MLflow's
+    # start-up below instead of following them (flows/server.py).
+    server = start_unless_configured()
     from flows.pipeline import pipeline
     from graftline import tracking
 
     tracking.configure(".")  # creates the MLflow store on a first run
     if server is not None:
         print(f"graftline run: temporary Prefect server on {server.api_url}", file=sys.stderr)
-        os.environ["PREFECT_API_URL"] = server.wait()
-        refresh_global_settings_context()  # for the flow and Prefect's exit handlers alike
+        connect(server)
     result = pipeline(
         root=".", params=str(args.params), deploy_model=not args.no_deploy, push_artifacts=args.push
     )
@@ -129,10 +118,52 @@ def cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_schedule(cron: str, timezone: str) -> None:
+    """A bad cron expression or time zone fails before any server starts."""
+    import zoneinfo
+
+    from prefect.schedules import Cron
+
+    try:
+        zoneinfo.ZoneInfo(timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise GraftlineError(f"--timezone: unknown time zone {timezone!r}") from None
+    try:
+        Cron(cron, timezone=timezone)
+    except ValueError as err:
+        raise GraftlineError(f"--cron: {err}") from None
+
+
 def cmd_schedule(args: argparse.Namespace) -> int:
+    load_params(args.params)  # a bad key fails here, before any server starts
+    _check_schedule(args.cron, args.timezone)
+    from flows.server import SERVER_LOG, connect, start_unless_configured
+    from graftline import processes
+
+    # Orphaned descendants (a stage whose flow process died) become this process's children,
+    # so that none outlives it.
+    processes.become_subreaper()
+    # A cron schedule needs Prefect's scheduler service: with no server configured, run a
+    # full one (what `prefect server start` runs) for as long as this command runs.
+    server = start_unless_configured(services=True, port=args.server_port, log=SERVER_LOG)
     from flows.schedule import serve_retraining
 
-    serve_retraining(cron=args.cron, name=args.name, params=str(args.params))
+    if server is not None:
+        connect(server)
+        print(
+            f"graftline schedule: Prefect server with its scheduler on {server.api_url} "
+            f"(UI: {server.ui_url}, log: {SERVER_LOG}); it stops with this command",
+            file=sys.stderr,
+        )
+    try:
+        serve_retraining(
+            cron=args.cron, name=args.name, params=str(args.params), timezone=args.timezone
+        )
+    finally:
+        # Anything a cancelled run left behind; the server stops last, at exit, once
+        # Prefect's exit handlers have sent their final logs to it.
+        processes.stop_descendants(exclude={server.process_id} if server else None)
+    print("graftline schedule: stopped", file=sys.stderr)
     return 0
 
 
@@ -242,11 +273,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("schedule", help="serve the scheduled retraining deployment (Prefect)")
+    p = sub.add_parser(
+        "schedule",
+        help="retrain on a cron schedule: serve the Prefect deployment until stopped",
+        description="Serve the deployment graftline-pipeline/scheduled-retraining: at every "
+        "cron time the pipeline runs (retrain, gate, promote, push), one run at a time. "
+        "Without PREFECT_API_URL a Prefect server with its scheduler runs beside it and stops "
+        "with it. Ctrl-C or SIGTERM stops it, and a run in progress; the schedule stays on.",
+    )
     p.add_argument(
         "--cron", default=DEFAULT_CRON, help=f"cron schedule (default: {DEFAULT_CRON!r})"
     )
+    p.add_argument(
+        "--timezone", default="UTC", help="IANA time zone of the cron times (default: UTC)"
+    )
     p.add_argument("--name", default="scheduled-retraining", help="deployment name")
+    p.add_argument(
+        "--server-port",
+        type=int,
+        help="port of the Prefect server (API and UI) it starts when PREFECT_API_URL is "
+        "unset (default: a free port)",
+    )
     p.set_defaults(func=cmd_schedule)
     return ap
 
@@ -257,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(message)s",
     )
+    if not args.verbose:  # Prefect's client logs every API call through httpx at INFO
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return args.func(args)
     except (ConfigError, GraftlineError) as err:

@@ -139,7 +139,11 @@ def stage_run(
         run_name=stage, parent_run_id=parent, nested=parent is not None, tags=tags
     ) as run:
         mlflow.log_params(flatten(params, stage))
-        yield run
+        try:
+            yield run
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (tasks._stage): killed, not failed
+            mlflow.end_run("KILLED")
+            raise
 
 
 def log_result(result: Mapping[str, Any]) -> float:

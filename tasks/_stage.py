@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -34,8 +35,17 @@ def _output_to_stage_log() -> None:
     sys.stdout.reconfigure(line_buffering=True)
 
 
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+
 def stage_main(name: str, run: Callable[[Params], Any], argv: list[str] | None = None) -> int:
-    """Parse ``--params``, run the stage, and exit 2 with a one-line reason on bad input."""
+    """Parse ``--params``, run the stage, and exit 2 with a one-line reason on bad input.
+
+    SIGTERM (a cancelled flow run, a scheduler stopping) interrupts the stage as Ctrl-C does,
+    so that its MLflow run ends as KILLED instead of staying RUNNING.
+    """
+    signal.signal(signal.SIGTERM, _interrupt)
     _output_to_stage_log()
     parser = argparse.ArgumentParser(prog=f"python -m tasks.{name}", description=run.__doc__)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")

@@ -1,20 +1,172 @@
-"""Scheduled retraining against a real `prefect server start` on loopback: the deployment is
-registered with its cron schedule, a run triggered through the API completes, promotes a
-champion and pushes data and models to the DVC remote."""
+"""Scheduled retraining.
+
+- With nothing else running, `graftline schedule --cron "* * * * *"` fires by itself: its own
+  Prefect server schedules runs, a run completes, registers and promotes a model; it stops
+  cleanly on SIGTERM, leaves the schedule on, and fires again after a restart.
+- Against a real `prefect server start` (PREFECT_API_URL set), the deployment is registered
+  with its cron schedule and a run triggered through the API completes, promotes a champion
+  and pushes data and models to the DVC remote.
+"""
 
 from __future__ import annotations
 
+import copy
+import re
+import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
 
+from flows.server import TemporaryServer
 from tests.conftest import TINY_PARAMS, make_repo, prefect_server, tool_env
 
 CRON = "15 4 * * 2"
+DEPLOYMENT = "graftline-pipeline/scheduled-retraining"
+SERVER_LINE = re.compile(r"Prefect server with its scheduler on (http://127\.0\.0\.1:(\d+)/api)")
+
+
+class Scheduling:
+    """`graftline schedule --cron "* * * * *"` as a command, with its output in a file."""
+
+    def __init__(self, repo: Path, env: dict[str, str], log: Path) -> None:
+        self.log = log
+        with log.open("w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "graftline.cli", "schedule", "--cron", "* * * * *"],
+                cwd=repo,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.api_url, self.port = self._server()
+
+    def _server(self) -> tuple[str, int]:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            found = SERVER_LINE.search(self.log.read_text())
+            if found:
+                return found.group(1), int(found.group(2))
+            if self.proc.poll() is not None:
+                raise AssertionError(self.log.read_text())
+            time.sleep(0.5)
+        raise AssertionError(f"no server line:\n{self.log.read_text()}")
+
+    def completed_scheduled_run(self, after: datetime, seconds: float = 300) -> Any:
+        """The first run of the deployment that the scheduler made and that completed, with
+        a start after ``after``; nothing here triggers a run."""
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        deadline = time.time() + seconds
+        with (
+            temporary_settings(updates={PREFECT_API_URL: self.api_url}),
+            get_client(sync_client=True) as client,
+        ):
+            while time.time() < deadline:
+                assert self.proc.poll() is None, self.log.read_text()[-4000:]
+                runs = client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(
+                        name=DeploymentFilterName(any_=[DEPLOYMENT.split("/")[1]])
+                    )
+                )
+                for run in runs:
+                    if (
+                        run.state is not None
+                        and run.state.is_completed()
+                        and run.start_time is not None
+                        and run.start_time > after
+                    ):
+                        return run
+                time.sleep(3)
+        raise AssertionError(f"no scheduled run completed:\n{self.log.read_text()[-4000:]}")
+
+    def stop(self) -> str:
+        """SIGTERM, as a service manager stops it; every process it started must end."""
+        tree = [self.proc, *psutil.Process(self.proc.pid).children(recursive=True)]
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(timeout=90) == 0, self.log.read_text()[-4000:]
+        _, alive = psutil.wait_procs(tree[1:], timeout=10)
+        assert not alive, f"left running: {[p.cmdline() for p in alive]}"
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", self.port)) != 0, "the server still answers"
+        return self.log.read_text()
+
+
+def _deployment_paused(home: Path, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Whether the deployment's schedule is off, read from Prefect's database in ``home``
+    through a plain API server (no scheduler: nothing runs meanwhile)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with monkeypatch.context() as m:
+        m.setenv("PREFECT_HOME", str(home))  # the server process's database
+        server = TemporaryServer().start()
+    try:
+        with (
+            temporary_settings(updates={PREFECT_API_URL: server.wait()}),
+            get_client(sync_client=True) as client,
+        ):
+            deployment = client.read_deployment_by_name(DEPLOYMENT)
+            return bool(deployment.paused) or not all(s.active for s in deployment.schedules)
+    finally:
+        server.stop()
+
+
+def test_schedule_fires_by_itself_and_after_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    params = copy.deepcopy(TINY_PARAMS)
+    params["deploy"]["gate"]["min_accuracy"] = 0.0  # the first model becomes champion
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    repo = make_repo(tmp_path / "repo", params, remote)
+    home = tmp_path / "prefect-home"
+    env = tool_env(repo, PREFECT_HOME=str(home))
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
+        env.pop(key, None)
+
+    started = datetime.now(UTC)
+    first = Scheduling(repo, env, tmp_path / "first.log")
+    try:
+        run = first.completed_scheduled_run(after=started)
+    finally:
+        console = first.stop()
+    assert run.auto_scheduled, "the run was not made by the scheduler"
+    # A healthy start-up and stop: nothing alarming on the console.
+    assert "ERROR" not in console and "Traceback" not in console, console[-4000:]
+    assert "graftline schedule: stopped" in console
+
+    # That run registered a model and promoted it: the champion carries its id.
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("tiny-digits", "champion")
+    assert champion.tags["graftline.prefect_flow_run_id"] == str(run.id)
+    assert champion.tags["graftline.gate.passed"] == "true"
+    # Nothing left RUNNING in MLflow, whatever the stop interrupted.
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert "RUNNING" not in {r.info.status for r in client.search_runs(experiments)}
+
+    # Stopping did not switch the schedule off (Prefect's serve pauses it by default).
+    assert not _deployment_paused(home, monkeypatch)
+
+    restarted = datetime.now(UTC)
+    second = Scheduling(repo, env, tmp_path / "second.log")
+    try:
+        again = second.completed_scheduled_run(after=restarted)
+    finally:
+        console = second.stop()
+    assert again.auto_scheduled and again.id != run.id
+    assert "ERROR" not in console and "Traceback" not in console, console[-4000:]
 
 
 @pytest.fixture(scope="module")
