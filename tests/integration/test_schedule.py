@@ -17,13 +17,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
+import yaml
 
 from flows.server import TemporaryServer
 from tests.conftest import TINY_PARAMS, make_repo, prefect_server, tool_env
@@ -59,13 +60,16 @@ class Scheduling:
             time.sleep(0.5)
         raise AssertionError(f"no server line:\n{self.log.read_text()}")
 
-    def completed_scheduled_run(self, after: datetime, seconds: float = 300) -> Any:
-        """The first run of the deployment that the scheduler made and that completed, with
-        a start after ``after``; nothing here triggers a run."""
+    def scheduled_run(
+        self, after: datetime, ready: Callable[[Any], bool], seconds: float = 300
+    ) -> Any:
+        """The first run of the deployment that started after ``after`` and is ``ready``;
+        nothing here triggers a run: the scheduler must make it."""
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
+        only_ours = DeploymentFilter(name=DeploymentFilterName(any_=[DEPLOYMENT.split("/")[1]]))
         deadline = time.time() + seconds
         with (
             temporary_settings(updates={PREFECT_API_URL: self.api_url}),
@@ -73,21 +77,18 @@ class Scheduling:
         ):
             while time.time() < deadline:
                 assert self.proc.poll() is None, self.log.read_text()[-4000:]
-                runs = client.read_flow_runs(
-                    deployment_filter=DeploymentFilter(
-                        name=DeploymentFilterName(any_=[DEPLOYMENT.split("/")[1]])
-                    )
-                )
-                for run in runs:
-                    if (
-                        run.state is not None
-                        and run.state.is_completed()
-                        and run.start_time is not None
-                        and run.start_time > after
-                    ):
+                for run in client.read_flow_runs(deployment_filter=only_ours):
+                    if run.start_time is not None and run.start_time > after and ready(run):
                         return run
-                time.sleep(3)
-        raise AssertionError(f"no scheduled run completed:\n{self.log.read_text()[-4000:]}")
+                time.sleep(2)
+        raise AssertionError(f"no scheduled run got ready:\n{self.log.read_text()[-4000:]}")
+
+    def stage_processes(self, stage: str) -> list[psutil.Process]:
+        return [
+            p
+            for p in psutil.Process(self.proc.pid).children(recursive=True)
+            if f"tasks.{stage}" in " ".join(p.cmdline())
+        ]
 
     def stop(self) -> str:
         """SIGTERM, as a service manager stops it; every process it started must end."""
@@ -139,7 +140,7 @@ def test_schedule_fires_by_itself_and_after_a_restart(
     started = datetime.now(UTC)
     first = Scheduling(repo, env, tmp_path / "first.log")
     try:
-        run = first.completed_scheduled_run(after=started)
+        run = first.scheduled_run(started, lambda r: r.state.is_completed())
     finally:
         console = first.stop()
     assert run.auto_scheduled, "the run was not made by the scheduler"
@@ -152,21 +153,36 @@ def test_schedule_fires_by_itself_and_after_a_restart(
     champion = client.get_model_version_by_alias("tiny-digits", "champion")
     assert champion.tags["graftline.prefect_flow_run_id"] == str(run.id)
     assert champion.tags["graftline.gate.passed"] == "true"
-    # Nothing left RUNNING in MLflow, whatever the stop interrupted.
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    assert "RUNNING" not in {r.info.status for r in client.search_runs(experiments)}
 
     # Stopping did not switch the schedule off (Prefect's serve pauses it by default).
     assert not _deployment_paused(home, monkeypatch)
 
+    # Restarted, it fires again by itself. This time pretraining has much more to do, and the
+    # command is stopped while the stage trains: the stage process must go with it.
+    params["pretrain"]["train"]["epochs"] = 2000
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     restarted = datetime.now(UTC)
     second = Scheduling(repo, env, tmp_path / "second.log")
     try:
-        again = second.completed_scheduled_run(after=restarted)
+        again = second.scheduled_run(
+            restarted, lambda r: r.state.is_running() and bool(second.stage_processes("pretrain"))
+        )
+        stage = second.stage_processes("pretrain")
     finally:
         console = second.stop()
     assert again.auto_scheduled and again.id != run.id
-    assert "ERROR" not in console and "Traceback" not in console, console[-4000:]
+    assert stage and not any(p.is_running() for p in stage)
+    assert "Traceback" not in console, console[-4000:]
+
+    # Nothing left RUNNING: the interrupted stage's run and the pipeline's ended KILLED.
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    statuses = [
+        (r.data.tags.get("graftline.stage"), r.info.status) for r in client.search_runs(experiments)
+    ]
+    assert not [s for s in statuses if s[1] == "RUNNING"], statuses
+    assert ("pretrain", "KILLED") in statuses and ("pipeline", "KILLED") in statuses, statuses
+    # The champion did not move.
+    assert client.get_model_version_by_alias("tiny-digits", "champion").version == champion.version
 
 
 @pytest.fixture(scope="module")

@@ -91,3 +91,23 @@ def test_lineage_tags_read_outs_the_stages_declare() -> None:
 
     for tag, (stage, path) in LINEAGE_OUTS.items():
         assert path in out_paths(stage), f"{tag}: {stage} does not write {path}"
+
+
+def test_committed_lock_matches_code_and_params() -> None:
+    """dvc.lock must record the code and params the stages have now: a stale lock makes the
+    first run of every fresh clone rewrite it, and its first model's lineage `-dirty`.
+    (Outputs are not checked: a clean clone has none until `dvc pull` or a run.)"""
+    from dvc.repo import Repo
+
+    produced = set().union(*(out_paths(s) for s in STAGES))
+    with Repo(str(ROOT)) as repo:
+        status = repo.status()
+    stale = [
+        f"{stage}: {path} {state}"
+        for stage, changes in status.items()
+        for change in changes
+        if isinstance(change, dict)
+        for path, state in change.get("changed deps", {}).items()
+        if path not in produced
+    ]
+    assert not stale, "dvc.lock is stale; run `make repro` and commit it:\n" + "\n".join(stale)
