@@ -162,11 +162,23 @@ def test_schedule_fires_by_itself_and_after_a_restart(
     params["pretrain"]["train"]["epochs"] = 2000
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     restarted = datetime.now(UTC)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+
+    def training(run: Any) -> bool:  # the flow runs and the stage has its MLflow run open
+        return (
+            run.state.is_running()
+            and bool(second.stage_processes("pretrain"))
+            and bool(
+                client.search_runs(
+                    experiments,
+                    "tags.`graftline.stage` = 'pretrain' and attributes.status = 'RUNNING'",
+                )
+            )
+        )
+
     second = Scheduling(repo, env, tmp_path / "second.log")
     try:
-        again = second.scheduled_run(
-            restarted, lambda r: r.state.is_running() and bool(second.stage_processes("pretrain"))
-        )
+        again = second.scheduled_run(restarted, training)
         stage = second.stage_processes("pretrain")
     finally:
         console = second.stop()
@@ -175,7 +187,6 @@ def test_schedule_fires_by_itself_and_after_a_restart(
     assert "Traceback" not in console, console[-4000:]
 
     # Nothing left RUNNING: the interrupted stage's run and the pipeline's ended KILLED.
-    experiments = [e.experiment_id for e in client.search_experiments()]
     statuses = [
         (r.data.tags.get("graftline.stage"), r.info.status) for r in client.search_runs(experiments)
     ]
