@@ -7,6 +7,7 @@ geometry, or raises :class:`DataError` naming the file, row or item that is wron
 from __future__ import annotations
 
 import gzip
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from graftline.config import (
 )
 from graftline.data.dataset import Dataset
 from graftline.data.transforms import fit_digit_box, to_geometry
+from graftline.data.validate import Problems
 from graftline.errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -147,23 +149,40 @@ def load_idx(src: IdxSource, size: int = 28, channels: int = 1) -> tuple[Dataset
 
 # --------------------------------------------------------------------------------- folder
 def load_folder(src: FolderSource, size: int = 28, channels: int = 1) -> Dataset:
-    """A class-per-folder tree; any image size and mode, converted to the configured geometry."""
+    """A class-per-folder tree; any image size and mode, converted to the configured geometry.
+
+    Every file is checked before anything is returned, and every bad one is reported: a file
+    that is not an image, one that does not decode, and a link that leads outside the folder
+    (a source never reads beyond its root).
+    """
     root = Path(src.path)
     if not root.is_dir():
         raise DataError(f"{root}: image folder not found")
+    real_root = root.resolve()
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise DataError(f"{root}: no class folders (expected {root}/<class>/<image>.png)")
+    problems = Problems(str(root))
     images, labels, ids = [], [], []
     for k, d in enumerate(class_dirs):
-        for f in sorted(d.rglob("*")):
+        for f in sorted([d, *d.rglob("*")]):
+            rel = f.relative_to(root)
+            if f.is_symlink() and not f.resolve().is_relative_to(real_root):
+                problems.add(f"{rel}: a link to {f.resolve()}, outside the folder")
+                continue
             if not f.is_file() or f.name.startswith("."):
                 continue
             if f.suffix.lower() not in IMAGE_SUFFIXES:
-                raise DataError(f"{f}: not an image file (expected one of {sorted(IMAGE_SUFFIXES)})")
-            images.append(read_image(f, size, channels))
+                problems.add(f"{rel}: not an image file (expected one of {sorted(IMAGE_SUFFIXES)})")
+                continue
+            try:
+                images.append(read_image(f, size, channels))
+            except DataError as err:
+                problems.add(f"{rel}: {str(err).removeprefix(f'{f}: ')}")
+                continue
             labels.append(k)
-            ids.append(str(f.relative_to(root)))
+            ids.append(str(rel))
+    problems.raise_if_any()
     if not images:
         raise DataError(f"{root}: the class folders hold no images")
     return Dataset(
@@ -207,34 +226,8 @@ def load_csv(src: CsvSource, size: int = 28, channels: int = 1) -> Dataset:
             f"{path}: {n_pix} pixel columns is not {channels}*side*side; "
             "rows must hold a square image"
         )
-    values = pixels.apply(pd.to_numeric, errors="coerce")
-    bad = values.isna() & pixels.notna()
-    if bad.any().any():
-        r, c = np.argwhere(bad.to_numpy())[0]
-        raise DataError(
-            f"{path}: row {r + 2}, column {pixels.columns[c]!r}: "
-            f"non-numeric value {pixels.iat[r, c]!r}"
-        )
-    arr = values.to_numpy(dtype=np.float64)
-    missing = pixels.isna().to_numpy()
-    if missing.any():
-        r = int(np.argwhere(missing)[0, 0])
-        raise DataError(
-            f"{path}: row {r + 2} has {int((~missing[r]).sum())} values, expected {n_pix} "
-            "(inconsistent shape or NaN)"
-        )
-    finite = np.isfinite(arr)
-    if not finite.all():
-        r = int(np.argwhere(~finite)[0, 0])
-        raise DataError(f"{path}: row {r + 2} contains NaN or Inf")
-    if (arr < 0).any() or (arr > src.pixel_max).any():
-        r = int(np.argwhere((arr < 0) | (arr > src.pixel_max))[0, 0])
-        raise DataError(f"{path}: row {r + 2} has pixel values outside [0, {src.pixel_max:g}]")
-    raw_labels = df[src.label_column]
-    if raw_labels.isna().any():
-        r = int(np.argwhere(raw_labels.isna().to_numpy())[0, 0])
-        raise DataError(f"{path}: row {r + 2} has no label")
-    label_str = raw_labels.astype(str).tolist()
+    arr = _pixel_values(path, pixels, df[src.label_column], src.pixel_max)
+    label_str = df[src.label_column].astype(str).tolist()
     try:
         classes = sorted(set(label_str), key=lambda s: (0, float(s), s))
     except ValueError:
@@ -260,6 +253,43 @@ def load_csv(src: CsvSource, size: int = 28, channels: int = 1) -> Dataset:
         f"csv:{path}",
         [f"{path.name}:row {i + 2}" for i in range(len(df))],
     )
+
+
+def _pixel_values(
+    path: Path, pixels: pd.DataFrame, labels: pd.Series, pixel_max: float
+) -> np.ndarray:
+    """The pixel table as floats, after checking every cell. Each bad one is named by row (as
+    a spreadsheet counts them, the header being row 1) and column: non-numeric, empty or NaN,
+    infinite, out of range. A row that ends early is one problem, as is one with no label."""
+    problems = Problems(str(path))
+    arr = pixels.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    given = pixels.notna().to_numpy()
+    columns = list(pixels.columns)
+    n_pix = len(columns)
+    counts = given.sum(axis=1)
+    last = n_pix - 1 - np.argmax(given[:, ::-1], axis=1)  # the last cell with a value
+    short = (counts < n_pix) & ((counts == 0) | (last + 1 == counts))
+    rows = np.flatnonzero(short)
+    problems.add_all(
+        len(rows), (f"row {r + 2} has {counts[r]} values, expected {n_pix}" for r in rows)
+    )
+
+    def cells(mask: np.ndarray, what: Callable[[int, int], str]) -> None:
+        where = np.argwhere(mask & ~short[:, None])
+        problems.add_all(
+            len(where), (f"row {r + 2}, column {columns[c]!r}: {what(r, c)}" for r, c in where)
+        )
+
+    cells(np.isnan(arr) & given, lambda r, c: f"non-numeric value {pixels.iat[r, c]!r}")
+    cells(~given, lambda r, c: "empty or NaN")
+    cells(np.isinf(arr), lambda r, c: f"{arr[r, c]} is not finite")
+    with np.errstate(invalid="ignore"):
+        out_of_range = np.isfinite(arr) & ((arr < 0) | (arr > pixel_max))
+    cells(out_of_range, lambda r, c: f"value {arr[r, c]:g} outside [0, {pixel_max:g}]")
+    missing = np.flatnonzero(labels.isna().to_numpy())
+    problems.add_all(len(missing), (f"row {r + 2} has no label" for r in missing))
+    problems.raise_if_any()
+    return arr
 
 
 # ------------------------------------------------------------------------------- dispatch

@@ -6,6 +6,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from graftline.data.dataset import Dataset
+from graftline.data.validate import Problems
 from graftline.errors import DataError
 
 
@@ -20,12 +21,14 @@ def stratified_split(
     names = list(fractions)
     counts = ds.class_counts()
     need = len(names)
+    problems = Problems(name)
     for c, n in counts.items():
         if 0 < n < need:
-            raise DataError(
-                f"{name}: class {c!r} has {n} item(s); each of the {need} splits "
+            problems.add(
+                f"class {c!r} has {n} item(s); each of the {need} splits "
                 f"({', '.join(names)}) needs at least one"
             )
+    problems.raise_if_any()
     index = np.arange(len(ds))
     rest, parts = index, {}
     remaining = 1.0

@@ -2,10 +2,55 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 from graftline.data.dataset import Dataset
 from graftline.errors import DataError
+
+MAX_LISTED = 20  # problems spelled out in one error; the rest are counted
+
+
+class Problems:
+    """Every problem found in one input, reported together: a person fixing data wants the
+    whole list at once, not one problem per run.
+
+    ``add`` records a problem; ``raise_if_any`` raises one :class:`DataError` that names the
+    input and lists the first ``MAX_LISTED`` problems, then how many more there are.
+    """
+
+    def __init__(self, name: str, limit: int = MAX_LISTED) -> None:
+        self.name = name
+        self.limit = limit
+        self.listed: list[str] = []
+        self.count = 0
+
+    def add(self, message: str) -> None:
+        self.count += 1
+        if len(self.listed) < self.limit:
+            self.listed.append(message)
+
+    def add_all(self, count: int, messages: Iterable[str]) -> None:
+        """``count`` problems, of which only as many ``messages`` are formatted as will show."""
+        room = max(self.limit - len(self.listed), 0)
+        for message, _ in zip(messages, range(min(room, count)), strict=False):
+            self.listed.append(message)
+        self.count += count
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+    def raise_if_any(self) -> None:
+        if not self.count:
+            return
+        if self.count == 1:
+            raise DataError(f"{self.name}: {self.listed[0]}")
+        lines = [f"{self.name}: {self.count} problems"]
+        lines += [f"  - {m}" for m in self.listed]
+        if self.count > len(self.listed):
+            lines.append(f"  ... and {self.count - len(self.listed)} more")
+        raise DataError("\n".join(lines))
 
 
 def validate(ds: Dataset, name: str) -> None:
@@ -38,16 +83,20 @@ def validate(ds: Dataset, name: str) -> None:
 
 
 def restrict_classes(ds: Dataset, classes: list[str], name: str) -> Dataset:
-    """Map a dataset onto a configured class list; a label outside it is an error."""
+    """Map a dataset onto a configured class list; every label outside it is reported."""
     index = {c: i for i, c in enumerate(classes)}
     mapping = np.full(len(ds.classes), -1, dtype=np.int64)
     for i, c in enumerate(ds.classes):
         mapping[i] = index.get(c, -1)
     new = mapping[ds.labels]
-    if (new < 0).any():
-        i = int(np.argmax(new < 0))
-        raise DataError(
-            f"{name}: {ds.ids[i]} has label {ds.classes[ds.labels[i]]!r}, "
-            f"which is not in the class list {classes}"
-        )
+    problems = Problems(name)
+    for k in np.flatnonzero(mapping < 0):
+        items = np.flatnonzero(ds.labels == k)
+        if len(items):
+            first = ", ".join(ds.ids[i] for i in items[:3])
+            problems.add(
+                f"label {ds.classes[k]!r} is not in the class list {classes} "
+                f"({len(items)} item(s): {first}{', ...' if len(items) > 3 else ''})"
+            )
+    problems.raise_if_any()
     return Dataset(ds.images, new, list(classes), ds.source, ds.ids)

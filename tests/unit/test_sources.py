@@ -91,9 +91,10 @@ def test_csv_source(pixel_csv: Path) -> None:
     ("row", "value", "message"),
     [
         (3, "abc", "row 4, column 'p5': non-numeric value 'abc'"),
-        (5, "nan", "row 6 has 63 values"),
-        (2, "inf", "row 3 contains NaN or Inf"),
-        (1, "300", r"row 2 has pixel values outside \[0, 255\]"),
+        (5, "nan", "row 6, column 'p5': empty or NaN"),
+        (5, "", "row 6, column 'p5': empty or NaN"),
+        (2, "inf", "row 3, column 'p5': inf is not finite"),
+        (1, "300", r"row 2, column 'p5': value 300 outside \[0, 255\]"),
     ],
 )
 def test_csv_bad_values_name_the_row(pixel_csv: Path, row: int, value: str, message: str) -> None:
@@ -123,8 +124,12 @@ def test_csv_non_square(tmp_path: Path) -> None:
 
 def test_label_outside_class_list(pixel_csv: Path) -> None:
     ds = load_csv(CsvSource(kind="csv", path=str(pixel_csv)))
-    with pytest.raises(DataError, match=r"digits.csv:row \d+ has label '2', which is not in"):
+    with pytest.raises(
+        DataError, match=r"task data: label '2' is not in the class list \['0', '1'\] \(10 item"
+    ):
         restrict_classes(ds, ["0", "1"], "task data")
+    with pytest.raises(DataError, match=r"2 problems\n  - label '1' .*\n  - label '2' "):
+        restrict_classes(ds, ["0"], "task data")
 
 
 def test_empty_and_single_class(tmp_path: Path, pixel_csv: Path) -> None:
@@ -157,3 +162,45 @@ def test_fit_digit_box_centres_by_mass() -> None:
     cy, cx = (out * yy).sum() / out.sum(), (out * xx).sum() / out.sum()
     assert abs(cy - 13.5) <= 1 and abs(cx - 13.5) <= 1
     Image.fromarray(out.astype(np.uint8))  # a valid image
+
+
+def test_csv_reports_every_bad_cell_with_a_limit(pixel_csv: Path) -> None:
+    lines = pixel_csv.read_text().splitlines()  # lines[i] is spreadsheet row i + 1
+
+    def put(line: int, column: int, value: str) -> None:
+        cells = lines[line].split(",")
+        cells[1 + column] = value  # cells[0] is the label
+        lines[line] = ",".join(cells)
+
+    put(1, 2, "abc")
+    put(2, 3, "-1")
+    put(3, 4, "")
+    lines[4] = ",".join(lines[4].split(",")[:-5])
+    for line in range(5, 30):
+        put(line, 10, "999")
+    pixel_csv.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as err:
+        load_csv(CsvSource(kind="csv", path=str(pixel_csv)))
+    text = str(err.value)
+    assert "digits.csv: 29 problems" in text
+    assert "  - row 5 has 59 values, expected 64" in text
+    assert "  - row 2, column 'p2': non-numeric value 'abc'" in text
+    assert "  - row 3, column 'p3': value -1 outside [0, 255]" in text
+    assert "  - row 4, column 'p4': empty or NaN" in text
+    assert "  - row 6, column 'p10': value 999 outside [0, 255]" in text
+    assert text.count("\n  - ") == 20 and text.endswith("... and 9 more")
+
+
+def test_folder_reports_every_bad_file(image_folder: Path, tmp_path: Path) -> None:
+    (image_folder / "class_0" / "notes.png").write_text("not a png")
+    (image_folder / "class_1" / "readme.txt").write_text("hi")
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(next(image_folder.glob("class_0/*.png")).read_bytes())
+    (image_folder / "class_1" / "link.png").symlink_to(outside)
+    with pytest.raises(DataError) as err:
+        load_folder(FolderSource(kind="folder", path=str(image_folder)))
+    text = str(err.value)
+    assert "3 problems" in text
+    assert "class_0/notes.png: unreadable or truncated image" in text
+    assert "class_1/readme.txt: not an image file" in text
+    assert f"class_1/link.png: a link to {outside}, outside the folder" in text
