@@ -278,6 +278,7 @@ def pipeline(
     params_path = (root_path / params).resolve()
     load_params(params_path)  # fail before any work, naming the bad key
     exp_id = tracking.configure(root_path)
+    tracking.end_orphaned_runs(exp_id)  # what a killed earlier run left RUNNING
     client = MlflowClient()
     flow_run_id = str(flow_run.id or "")
     parent = client.create_run(
@@ -285,6 +286,7 @@ def pipeline(
         run_name="pipeline",
         tags={
             "graftline.stage": "pipeline",
+            tracking.OWNER_TAG: tracking.owner(),
             "graftline.prefect_flow_run_id": flow_run_id,
             "graftline.git_commit": tracking.git_commit(root_path),
         },

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -32,6 +34,55 @@ LINEAGE_OUTS = {
     "graftline.dvc.pretrained_backbone": ("pretrain", "models/pretrained"),
     "graftline.dvc.finetuned_model": ("finetune", "models/finetuned"),
 }
+
+
+# Which process opened a run: host, pid and the process's start time (a pid alone is reused).
+OWNER_TAG = "graftline.process"
+
+log = logging.getLogger(__name__)
+
+
+def owner() -> str:
+    """This process, as the value of ``OWNER_TAG``."""
+    import psutil
+
+    me = psutil.Process()
+    return f"{socket.gethostname()}:{me.pid}:{me.create_time():.0f}"
+
+
+def _owner_gone(value: str) -> bool:
+    """Whether the process named by an ``OWNER_TAG`` value has certainly ended."""
+    import psutil
+
+    host, pid, started = value.rsplit(":", 2)
+    if host != socket.gethostname():
+        return False  # another machine's process: nothing can be known from here
+    try:
+        return f"{psutil.Process(int(pid)).create_time():.0f}" != started
+    except psutil.NoSuchProcess:
+        return True
+    except (psutil.Error, ValueError):
+        return False
+
+
+def end_orphaned_runs(experiment_id: str) -> list[str]:
+    """Mark KILLED the runs that a killed process (``kill -9``, a crash, a power cut) left
+    RUNNING: those whose owner process on this host has ended. Returns their ids."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    ended = []
+    for run in client.search_runs(
+        [experiment_id], "attributes.status = 'RUNNING'", max_results=1000
+    ):
+        tag = run.data.tags.get(OWNER_TAG)
+        if tag and _owner_gone(tag):
+            client.set_tag(run.info.run_id, "graftline.ended_by", "the next run: its process died")
+            client.set_terminated(run.info.run_id, "KILLED")
+            ended.append(run.info.run_id)
+    if ended:
+        log.warning("marked %d run(s) left RUNNING by a dead process KILLED: %s", len(ended), ended)
+    return ended
 
 
 def tracking_uri(root: Path | str = ".") -> str:
@@ -132,9 +183,13 @@ def stage_run(
     """
     import mlflow
 
-    configure(root)
+    end_orphaned_runs(configure(root))
     parent = parent_run_id or os.environ.get(PARENT_RUN_ENV) or None
-    tags = {"graftline.stage": stage, **(lineage if lineage is not None else lineage_tags(root))}
+    tags = {
+        "graftline.stage": stage,
+        OWNER_TAG: owner(),
+        **(lineage if lineage is not None else lineage_tags(root)),
+    }
     with mlflow.start_run(
         run_name=stage, parent_run_id=parent, nested=parent is not None, tags=tags
     ) as run:

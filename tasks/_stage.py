@@ -35,6 +35,19 @@ def _output_to_stage_log() -> None:
     sys.stdout.reconfigure(line_buffering=True)
 
 
+def _stop_with_parent() -> None:
+    """Ask Linux for SIGTERM when the process that started this stage dies (``kill -9`` of
+    the flow or of ``dvc repro``): a stage never trains on for nobody."""
+    if not sys.platform.startswith("linux"):  # pragma: no cover
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent died before the call above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _interrupt(signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
 
@@ -46,6 +59,7 @@ def stage_main(name: str, run: Callable[[Params], Any], argv: list[str] | None =
     so that its MLflow run ends as KILLED instead of staying RUNNING.
     """
     signal.signal(signal.SIGTERM, _interrupt)
+    _stop_with_parent()
     _output_to_stage_log()
     parser = argparse.ArgumentParser(prog=f"python -m tasks.{name}", description=run.__doc__)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
