@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from tasks.deploy import Packaged
 
 STAGES = ("preprocess", "pretrain", "finetune", "evaluate")
+PIPELINE_LOCK = Path(".graftline/pipeline.lock")
 
 
 class StageFailed(GraftlineError):
@@ -272,11 +273,22 @@ def pipeline(
     push_artifacts: bool = False,
 ) -> dict[str, Any]:
     """preprocess -> pretrain -> finetune -> evaluate -> deploy, under one MLflow parent run."""
-    from mlflow import MlflowClient
-
     root_path = Path(root).resolve()
     params_path = (root_path / params).resolve()
     load_params(params_path)  # fail before any work, naming the bad key
+    # One pipeline per checkout: a second would collide on DVC's locks and race the registry.
+    with processes.exclusive(
+        root_path / PIPELINE_LOCK, "another pipeline is running in this checkout"
+    ):
+        return _pipeline(root_path, params_path, deploy_model, push_artifacts)
+
+
+def _pipeline(
+    root_path: Path, params_path: Path, deploy_model: bool, push_artifacts: bool
+) -> dict[str, Any]:
+    from mlflow import MlflowClient
+
+    tracking.check_reachable()
     exp_id = tracking.configure(root_path)
     tracking.end_orphaned_runs(exp_id)  # what a killed earlier run left RUNNING
     client = MlflowClient()

@@ -36,13 +36,15 @@ def _registry(params_path: Path) -> tuple[Params, Registry]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     load_params(args.params)  # a bad key fails here, before any server or store starts
+    from graftline import tracking
+
+    tracking.check_reachable()  # and an absent tracking server too
     from flows.server import connect, start_unless_configured
 
     # Prefect's server starts first thing, so that its boot overlaps the imports and MLflow's
     # start-up below instead of following them (flows/server.py).
     server = start_unless_configured()
     from flows.pipeline import pipeline
-    from graftline import tracking
 
     tracking.configure(".")  # creates the MLflow store on a first run
     if server is not None:
@@ -137,6 +139,9 @@ def _check_schedule(cron: str, timezone: str) -> None:
 def cmd_schedule(args: argparse.Namespace) -> int:
     load_params(args.params)  # a bad key fails here, before any server starts
     _check_schedule(args.cron, args.timezone)
+    from graftline import tracking
+
+    tracking.check_reachable()
     from flows.server import SERVER_LOG, connect, start_unless_configured
     from graftline import processes
 

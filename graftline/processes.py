@@ -11,10 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import logging
+import os
 import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
+
+from graftline.errors import GraftlineError
 
 log = logging.getLogger(__name__)
 
@@ -48,3 +55,33 @@ def stop_descendants(grace: float = 10.0, exclude: set[int] | None = None) -> li
     if procs:
         log.info("stopped %d leftover process(es): %s", len(procs), [p.pid for p in procs])
     return [p.pid for p in procs]
+
+
+class Busy(GraftlineError):
+    """Another process holds the lock this one needs."""
+
+
+@contextlib.contextmanager
+def exclusive(path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` for the block, or raise :class:`Busy` at once,
+    naming the process that holds it.
+
+    The lock is the kernel's (``flock``), so it goes with the process however that ends
+    (``kill -9`` included): a stale lock file never blocks the next run. The file is not
+    inherited by child processes (Python opens files non-inheritable).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise Busy(
+                f"{what} ({holder}; lock {path}): wait for it to finish or stop it"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        yield

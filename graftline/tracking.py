@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from graftline.errors import GraftlineError
+
 PARENT_RUN_ENV = "GRAFTLINE_PARENT_RUN_ID"
 FLOW_RUN_ENV = "GRAFTLINE_FLOW_RUN_ID"
 EXPERIMENT_ENV = "GRAFTLINE_EXPERIMENT"
@@ -90,6 +92,29 @@ def tracking_uri(root: Path | str = ".") -> str:
     return (
         os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
     )
+
+
+def check_reachable(uri: str | None = None, timeout: float = 5.0) -> None:
+    """Fail at once, naming the URI, when the tracking server does not answer: MLflow's own
+    client would retry for minutes (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``) and then fail in
+    the middle of training. Stores that are files (``sqlite:``, paths) need no check."""
+    import urllib.error
+    import urllib.request
+
+    uri = uri or tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered: reachable, whatever it thinks of /health
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise GraftlineError(
+            f"MLflow tracking server {uri} is unreachable ({reason}); start it or point "
+            "MLFLOW_TRACKING_URI at a running one"
+        ) from None
 
 
 def experiment_name() -> str:

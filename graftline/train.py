@@ -112,6 +112,19 @@ def _evaluate(
     return loss / len(x), correct / len(x)
 
 
+def _read_resume(path: Path, desc: str) -> dict[str, Any] | None:
+    """The resume checkpoint at ``path``, or None when there is none or it cannot be read
+    safely (truncated, or carrying pickled objects): training then starts afresh."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt or unsafe files
+        log.warning("%s: ignoring %s: not a readable, safe checkpoint (%s)", desc, path, err)
+        return None
+    return state if isinstance(state, dict) else None
+
+
 def fit(
     model: nn.Module,
     train: Dataset,
@@ -183,8 +196,8 @@ def fit(
     best_epoch, bad_epochs, start_epoch, step = -1, 0, 0, 0
     resumed_from = None
     resume_path = Path(resume_path) if resume_path else None
-    if resume_path is not None and resume_path.exists():
-        state = torch.load(resume_path, map_location="cpu", weights_only=True)
+    state = _read_resume(resume_path, desc) if resume_path is not None else None
+    if state is not None:
         if state.get("format") == RESUME_FORMAT and state.get("fingerprint") == fingerprint:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])

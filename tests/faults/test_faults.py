@@ -1,0 +1,345 @@
+"""Nothing lost under faults: each case makes the fault real and checks what is left behind.
+
+Processes are really killed (SIGTERM, SIGKILL), servers really absent, files really bad; no
+mocks. After each fault: no process left, no MLflow run left RUNNING, no half-written output,
+DVC's lock released, the champion unchanged, and (where a run follows) the same weights as a
+run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import pickle
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import torch
+import yaml
+
+from graftline.errors import ArtifactError
+from tests.conftest import TINY_PARAMS, blob_digits, free_port, make_repo, tool_env
+
+EPOCHS = 300  # pretraining long enough to be interrupted mid-way (~10 s on 2 cores)
+PARAMS = copy.deepcopy(TINY_PARAMS)
+PARAMS["pretrain"]["train"]["epochs"] = EPOCHS
+
+
+def _env(repo: Path, home: Path, **extra: str) -> dict[str, str]:
+    env = tool_env(repo, PREFECT_HOME=str(home), **extra)
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"):
+        if key not in extra:
+            env.pop(key, None)
+    return env
+
+
+def _graftline(repo: Path, env: dict[str, str], *args: str, log: Path) -> subprocess.Popen:
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "graftline.cli", *args],
+            cwd=repo,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _wait_for_line(log: Path, pattern: str, proc: subprocess.Popen, seconds: float = 180) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if re.search(pattern, log.read_text()):
+            return
+        assert proc.poll() is None, log.read_text()[-4000:]
+        time.sleep(0.2)
+    raise AssertionError(f"{pattern!r} never appeared:\n{log.read_text()[-4000:]}")
+
+
+def _stage_processes(repo: Path) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline", "cwd"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "tasks." in cmd and p.info["cwd"] == str(repo):
+            found.append(p)
+    return found
+
+
+def _mlflow_statuses(repo: Path) -> list[tuple[str | None, str]]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return [
+        (r.data.tags.get("graftline.stage"), r.info.status)
+        for r in client.search_runs(experiments, max_results=1000)
+    ]
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The pretrained weights of a run that nobody interrupted (plain `dvc repro`)."""
+    repo = make_repo(tmp_path_factory.mktemp("reference"), PARAMS)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro", "pretrain"],
+        cwd=repo,
+        env=_env(repo, tmp_path_factory.mktemp("home")),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return _sha(repo / "models/pretrained/model.pt")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
+def test_interrupted_run_stops_cleanly_and_resumes_to_the_same_weights(
+    tmp_path: Path, uninterrupted: str, sig: signal.Signals
+) -> None:
+    """Cases 1 and 3: SIGTERM or SIGKILL to `graftline run` while pretraining trains."""
+    repo = make_repo(tmp_path / "repo", PARAMS)
+    env = _env(repo, tmp_path / "home")
+    log = tmp_path / "first.log"
+    run = _graftline(repo, env, "run", "--no-deploy", log=log)
+    _wait_for_line(log, rf"pretrain epoch {EPOCHS // 10 * 3}/{EPOCHS}", run)
+    stage = _stage_processes(repo)
+    assert stage, "the pretrain stage process was not found"
+    run.send_signal(sig)
+    assert run.wait(timeout=60) != 0
+    # The stage process goes with the command, whichever signal it got.
+    _, alive = psutil.wait_procs(stage, timeout=15)
+    assert not alive, [p.cmdline() for p in alive]
+    statuses = _mlflow_statuses(repo)
+    assert ("pretrain", "KILLED") in statuses, statuses
+    if sig == signal.SIGTERM:  # the command itself closed its run
+        assert ("pipeline", "KILLED") in statuses and ("pipeline", "RUNNING") not in statuses
+    # No half-written output: DVC removed the stage's outs before it ran, none came back.
+    assert not (repo / "models/pretrained/model.pt").exists()
+    assert list((repo / ".graftline/checkpoints").rglob("*.pt")), "no resume checkpoint"
+    # DVC's lock is free: status answers and says pretraining must run again.
+    status = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "pretrain"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert status.returncode == 0, status.stderr
+    assert "pretrain" in status.stdout
+    # After kill -9, DVC itself drops the dead pid from its read/write lock (it says so).
+    assert "unable to acquire lock" not in status.stderr.lower()
+    assert "busy" not in status.stderr.lower()
+
+    # The rerun closes what the killed one left open, resumes, and lands on the same weights.
+    log2 = tmp_path / "second.log"
+    rerun = _graftline(repo, env, "run", "--no-deploy", log=log2)
+    assert rerun.wait(timeout=300) == 0, log2.read_text()[-4000:]
+    assert "resuming after epoch" in log2.read_text()
+    assert _sha(repo / "models/pretrained/model.pt") == uninterrupted
+    statuses = _mlflow_statuses(repo)
+    assert not [s for s in statuses if s[1] == "RUNNING"], statuses
+
+
+def test_two_runs_at_once_one_refuses(tmp_path: Path) -> None:
+    """Case 4: a second `graftline run` in the same checkout refuses at once, by name."""
+    repo = make_repo(tmp_path / "repo", PARAMS)
+    env = _env(repo, tmp_path / "home")
+    first_log = tmp_path / "first.log"
+    first = _graftline(repo, env, "run", "--no-deploy", log=first_log)
+    try:
+        _wait_for_line(first_log, rf"pretrain epoch {EPOCHS // 10}/{EPOCHS}", first)
+        second = subprocess.run(
+            [sys.executable, "-m", "graftline.cli", "run", "--no-deploy"],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert "another pipeline is running in this checkout" in second.stderr
+        assert f"pid {first.pid}" in second.stderr
+        assert first.poll() is None, "the first run must go on"
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=60)
+
+
+def test_unreachable_tracking_server_fails_fast_before_training(tmp_path: Path) -> None:
+    """Case 5: a tracking URI nobody answers on fails within seconds, naming the URI."""
+    repo = make_repo(tmp_path / "repo", PARAMS)
+    uri = f"http://127.0.0.1:{free_port()}"
+    env = _env(repo, tmp_path / "home", MLFLOW_TRACKING_URI=uri)
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "graftline.cli", "run"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert time.monotonic() - started < 30
+    assert uri in proc.stderr and "unreachable" in proc.stderr
+    assert not (repo / "data/processed").exists(), "work started before the check"
+
+
+def test_non_finite_loss_fails_the_stage_and_registers_nothing(tmp_path: Path) -> None:
+    """Case 10: a loss that turns NaN or infinite stops the stage, naming epoch and step."""
+    from mlflow import MlflowClient
+
+    params = copy.deepcopy(TINY_PARAMS)
+    params["finetune"]["train"] |= {"lr": 1e30, "optimizer": "sgd"}
+    repo = make_repo(tmp_path / "repo", params)
+    proc = subprocess.run(
+        [sys.executable, "-m", "graftline.cli", "run"],
+        cwd=repo,
+        env=_env(repo, tmp_path / "home"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert re.search(r"non-finite loss .* at epoch \d+, step \d+", out), out[-4000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    assert client.search_registered_models() == []
+    assert not (repo / "models/finetuned/model.pt").exists()
+    statuses = _mlflow_statuses(repo)
+    assert ("finetune", "FAILED") in statuses and ("pipeline", "FAILED") in statuses
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the file named by ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_carrying_a_pickle_is_refused_by_every_loader(tmp_path: Path) -> None:
+    """Case 12: a checkpoint that would run code when unpickled; no loader runs it."""
+    from graftline.config import TrainConfig
+    from graftline.data.dataset import Dataset
+    from graftline.models import build_classifier
+    from graftline.models.checkpoint import load_checkpoint, read_checkpoint
+    from graftline.serve.mlflow_model import GraftlineClassifier
+    from graftline.train import fit
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "model.pt"
+    torch.save({"format": "graftline.checkpoint/1", "state_dict": _Payload(marker)}, evil)
+    assert pickle.loads(pickle.dumps(_Payload(tmp_path / "probe"))) == 0  # the payload works
+    assert (tmp_path / "probe").exists()
+
+    for load in (read_checkpoint, load_checkpoint):
+        with pytest.raises(ArtifactError, match="cannot load checkpoint safely"):
+            load(evil)
+    context = type("Context", (), {"artifacts": {"checkpoint": str(evil)}})()
+    with pytest.raises(ArtifactError, match="cannot load checkpoint safely"):
+        GraftlineClassifier().load_context(context)
+    # As a resume checkpoint: ignored, and training starts afresh.
+    x, y = blob_digits(10, classes=2)
+    data = Dataset(x[:, None], y.astype("int64"), ["0", "1"], "blobs")
+    model = build_classifier(
+        {"arch": "cnn", "channels": [4], "hidden": 8, "dropout": 0.0}, 1, 28, 2
+    )
+    result = fit(
+        model,
+        data,
+        None,
+        TrainConfig(epochs=1, batch_size=8),
+        seed=0,
+        resume_path=evil,
+        progress=False,
+    )
+    assert result.resumed_from is None
+    assert not marker.exists(), "a loader ran the pickled payload"
+
+
+def test_folder_source_with_a_link_outside_is_refused(tmp_path: Path) -> None:
+    """Case 13: a link inside an image folder that points outside it stops preprocessing."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    x, y = blob_digits(6, classes=2)
+    for i, (img, k) in enumerate(zip(x, y, strict=True)):
+        (images / str(k)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(images / str(k) / f"{i}.png")
+    secret = tmp_path / "secret.png"
+    Image.fromarray(x[0]).save(secret)
+    (images / "1" / "innocent.png").symlink_to(secret)
+    params = copy.deepcopy(TINY_PARAMS)
+    params["preprocess"]["task"]["source"] = {"kind": "folder", "path": str(images)}
+    params["preprocess"]["task"]["labels_per_class"] = "all"
+    repo = make_repo(tmp_path / "repo", params)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.preprocess"],
+        cwd=repo,
+        env=_env(repo, tmp_path / "home"),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert f"1/innocent.png: a link to {secret}, outside the folder" in proc.stderr
+    assert not (repo / "data/processed/task").exists()
+
+
+def _snapshot(repo: Path, remote: Path) -> dict[str, str]:
+    skip = ("mlflow.db", "mlruns/", ".dvc/tmp/", ".graftline/", ".git/", "__pycache__")
+    files = {}
+    for root in (repo, remote):
+        for p in sorted(root.rglob("*")):
+            rel = f"{root.name}/{p.relative_to(root)}"
+            if p.is_file() and not any(s in rel for s in skip):
+                files[rel] = _sha(p)
+    return files
+
+
+def test_nothing_changed_rerun_changes_nothing(tmp_path: Path) -> None:
+    """Case 17: run, then run again with nothing changed: files, registry and remote stay."""
+    from mlflow import MlflowClient
+
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    repo = make_repo(tmp_path / "repo", TINY_PARAMS, remote)
+    env = _env(repo, tmp_path / "home")
+
+    def run() -> None:
+        proc = subprocess.run(
+            [sys.executable, "-m", "graftline.cli", "run", "--push"],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    def registry() -> list[tuple[str, str, dict[str, str]]]:
+        client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+        return sorted(
+            (v.name, v.version, dict(v.tags))
+            for v in client.search_model_versions("name = 'tiny-digits'")
+        ) + [(m.name, "aliases", dict(m.aliases)) for m in client.search_registered_models()]
+
+    run()
+    files, models = _snapshot(repo, remote), registry()
+    mtimes = {p: p.stat().st_mtime_ns for p in (repo / "models").rglob("*") if p.is_file()}
+    run()
+    assert _snapshot(repo, remote) == files
+    assert registry() == models
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes, "outputs were rewritten"
+    assert yaml.safe_load((repo / "dvc.lock").read_text())  # still a valid lock
