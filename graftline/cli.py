@@ -136,6 +136,18 @@ def _check_schedule(cron: str, timezone: str) -> None:
         raise GraftlineError(f"--cron: {err}") from None
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from graftline.reproduce import reproduce
+
+    _, reg = _registry(args.params)
+    version = str(args.version)
+    report = reproduce(
+        ".", reg.name, version, log=lambda m: print(f"reproduce: {m}"), keep=args.keep
+    )
+    print(report.text())
+    return 0 if report.identical else 1
+
+
 def cmd_schedule(args: argparse.Namespace) -> int:
     load_params(args.params)  # a bad key fails here, before any server starts
     _check_schedule(args.cron, args.timezone)
@@ -277,6 +289,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="flip dark-on-light images (auto: judged by the border)",
     )
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "reproduce",
+        help="rebuild a registered version from its lineage and compare the weights",
+        description="Check out the version's git commit in a fresh worktree, bring its data "
+        "from the DVC cache or remote, run the pipeline up to finetune from scratch, and "
+        "compare data hashes, params and weights with what was registered. Exit 0 when "
+        "bit-identical, 1 when something differs (the report says what), 2 when the "
+        "version, its commit or its data cannot be found.",
+    )
+    p.add_argument("version", help="registered model version number")
+    p.add_argument("--keep", action="store_true", help="keep the worktree for a closer look")
+    p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser(
         "schedule",

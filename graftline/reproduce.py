@@ -1,0 +1,234 @@
+"""Rebuild a registered model version from its lineage tags alone, and compare.
+
+A version carries the git commit it was made from and the ``dvc.lock`` hashes of its data,
+backbone and weights (``graftline.tracking.lineage_tags``), and its params. ``reproduce``
+checks that commit out in a fresh git worktree, brings its DVC-tracked inputs from the cache
+or the remote, runs the pipeline up to ``finetune`` from scratch (no run-cache, every stage
+forced), and compares what it rebuilt with what was registered: data and backbone hashes,
+params, and the weights, byte for byte. Nothing in the checkout or its tracking store changes:
+the rebuild logs to a store of its own inside the worktree, which is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from graftline.config import load_params
+from graftline.errors import GraftlineError
+
+# What the rebuild must match: (what, lineage tag, stage and out in the rebuilt dvc.lock).
+HASHED = [
+    ("task data", "graftline.dvc.task_data", ("preprocess", "data/processed/task")),
+    ("pretraining data", "graftline.dvc.pretrain_data", ("preprocess", "data/processed/pretrain")),
+    ("pretrained backbone", "graftline.dvc.pretrained_backbone", ("pretrain", "models/pretrained")),
+    ("fine-tuned model", "graftline.dvc.finetuned_model", ("finetune", "models/finetuned")),
+]
+
+
+@dataclass
+class Check:
+    what: str
+    registered: str
+    rebuilt: str
+
+    @property
+    def ok(self) -> bool:
+        return self.registered == self.rebuilt
+
+
+@dataclass
+class Report:
+    name: str
+    version: str
+    commit: str
+    checks: list[Check] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def identical(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def text(self) -> str:
+        lines = [f"{self.name} v{self.version} from commit {self.commit}:"]
+        for c in self.checks:
+            mark = "same" if c.ok else "DIFFERS"
+            detail = c.rebuilt if c.ok else f"registered {c.registered}, rebuilt {c.rebuilt}"
+            lines.append(f"  {c.what:20s} {mark:8s} {detail}")
+        lines += [f"  note: {n}" for n in self.notes]
+        verdict = "bit-identical" if self.identical else "NOT identical"
+        lines.append(f"{self.name} v{self.version}: {verdict}")
+        return "\n".join(lines)
+
+
+def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise GraftlineError(f"`{' '.join(cmd)}` failed in {cwd}:\n{proc.stdout}{proc.stderr}")
+    return proc.stdout
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _lock_md5(lock: dict, stage: str, out: str) -> str:
+    for o in lock.get("stages", {}).get(stage, {}).get("outs", []):
+        if o.get("path") == out:
+            return str(o.get("md5", ""))
+    return "(absent)"
+
+
+def _params_diff(registered: str, rebuilt: dict) -> str:
+    """``same`` or the keys whose values differ."""
+    try:
+        before = json.loads(registered)
+    except json.JSONDecodeError:  # truncated tag: compare what it holds
+        return "same" if json.dumps(rebuilt, sort_keys=True).startswith(registered) else "differ"
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            out |= flat(v, key + ".") if isinstance(v, dict) else {key: v}
+        return out
+
+    a, b = flat(before), flat(rebuilt)
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    return "same" if not keys else "differ: " + ", ".join(keys[:10])
+
+
+def reproduce(
+    root: Path | str,
+    name: str,
+    version: str,
+    log: Callable[[str], None] = print,
+    keep: bool = False,
+) -> Report:
+    """Rebuild ``name`` v``version`` from its lineage and compare; see the module's doc.
+
+    Raises:
+        GraftlineError: the version, its commit or its data cannot be found.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    root = Path(root).resolve()
+    client = MlflowClient()
+    try:
+        mv = client.get_model_version(name, version)
+    except MlflowException:
+        raise GraftlineError(f"model {name!r} has no version {version}") from None
+    tags = dict(mv.tags)
+    commit_tag = tags.get("graftline.git_commit", "")
+    if not commit_tag or commit_tag == "unknown":
+        raise GraftlineError(f"{name} v{version} has no lineage commit (tag graftline.git_commit)")
+    commit = commit_tag.removesuffix("-dirty")
+    report = Report(name, version, commit_tag)
+    if commit_tag.endswith("-dirty"):
+        report.notes.append(
+            "it was made from uncommitted changes; the rebuild uses the commit as it is"
+        )
+    have = subprocess.run(
+        ["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=root, capture_output=True
+    )
+    if have.returncode != 0:
+        raise GraftlineError(
+            f"{name} v{version} was made from commit {commit}, which this repository does not "
+            "have (fetch it, or the history was rewritten)"
+        )
+    # The registered weights, before any work.
+    registered_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}"))
+    found = sorted(registered_dir.rglob("model.pt"))
+    if not found:
+        raise GraftlineError(f"models:/{name}/{version} has no checkpoint artifact")
+    registered_ckpt = found[0]
+
+    work = Path(tempfile.mkdtemp(prefix=f"graftline-reproduce-{name}-v{version}-"))
+    tree = work / "tree"
+    log(f"checking out {commit} in {tree}")
+    _run(["git", "worktree", "add", "--detach", str(tree), commit], root)
+    try:
+        # The checkout's DVC remotes and cache: the local config is not in git.
+        if (root / ".dvc" / "config.local").exists():
+            shutil.copy2(root / ".dvc" / "config.local", tree / ".dvc" / "config.local")
+        dvc = [sys.executable, "-m", "dvc"]
+        cache = _run([*dvc, "cache", "dir"], root).strip()
+        _run([*dvc, "config", "--local", "cache.dir", cache], tree)
+        env = {
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
+            "DVC_NO_ANALYTICS": "1",
+        }
+        for key in ("GRAFTLINE_PARENT_RUN_ID", "GRAFTLINE_FLOW_RUN_ID", "MLFLOW_RUN_ID"):
+            env.pop(key, None)
+        tracked = _run(["git", "ls-files", "*.dvc", "**/*.dvc"], tree).split()
+        if tracked:
+            log(f"fetching {len(tracked)} DVC-tracked input(s) from the cache or the remote")
+            proc = subprocess.run(
+                [*dvc, "pull", *tracked], cwd=tree, env=env, capture_output=True, text=True
+            )
+            if proc.returncode != 0:
+                raise GraftlineError(
+                    f"the data of {name} v{version} is in neither the DVC cache nor the "
+                    f"remote ({', '.join(tracked)}):\n{proc.stderr.strip()[-2000:]}"
+                )
+        log("running the pipeline up to finetune from scratch (dvc repro --force)")
+        proc = subprocess.run(
+            [*dvc, "repro", "--force", "--no-run-cache", "finetune"],
+            cwd=tree,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            raise GraftlineError(
+                f"rebuilding {name} v{version} failed:\n{(proc.stdout + proc.stderr)[-3000:]}"
+            )
+        lock = yaml.safe_load((tree / "dvc.lock").read_text())
+        for what, tag, (stage, out) in HASHED:
+            if tag in tags:
+                report.checks.append(Check(what, tags[tag], _lock_md5(lock, stage, out)))
+        if "graftline.params" in tags:
+            params = load_params(tree / "params.yaml").model_dump(mode="json")
+            report.checks.append(
+                Check("params", "same", _params_diff(tags["graftline.params"], params))
+            )
+        rebuilt = tree / "models" / "finetuned" / "model.pt"
+        report.checks.append(Check("weights", _sha256(registered_ckpt), _sha256(rebuilt)))
+        if not report.checks[-1].ok:
+            report.notes.append(_weights_diff(registered_ckpt, rebuilt))
+    finally:
+        if keep:
+            log(f"kept the worktree: {tree}")
+        else:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=root)
+            shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def _weights_diff(registered: Path, rebuilt: Path) -> str:
+    """Which tensors differ, and by how much."""
+    import torch
+
+    a = torch.load(registered, map_location="cpu", weights_only=True)["state_dict"]
+    b = torch.load(rebuilt, map_location="cpu", weights_only=True)["state_dict"]
+    if a.keys() != b.keys():
+        return f"the architectures differ: {sorted(a.keys() ^ b.keys())[:5]}"
+    diffs = {k: float((a[k].float() - b[k].float()).abs().max()) for k in a if not a[k].equal(b[k])}
+    worst = sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+    return f"{len(diffs)} of {len(a)} tensors differ; largest: " + ", ".join(
+        f"{k} (max |diff| {v:.3g})" for k, v in worst
+    )
