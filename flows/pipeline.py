@@ -259,7 +259,13 @@ def push(root: Path) -> str:
         try:
             count = repo.push()
         except Exception as err:
-            raise StageFailed(f"dvc push failed: {err}") from err
+            name = repo.config["core"].get("remote", "")
+            url = repo.config["remote"].get(name, {}).get("url", "?")
+            raise StageFailed(
+                f"dvc push to remote {name!r} ({url}) failed: {err}. The data and models stay "
+                "in the local DVC cache, and the registry keeps the model; the next run with "
+                "push pushes them"
+            ) from err
     message = f"dvc push: {count} file(s) sent to the remote"
     get_run_logger().info(message)
     return message

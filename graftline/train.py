@@ -115,6 +115,10 @@ def _evaluate(
 def _read_resume(path: Path, desc: str) -> dict[str, Any] | None:
     """The resume checkpoint at ``path``, or None when there is none or it cannot be read
     safely (truncated, or carrying pickled objects): training then starts afresh."""
+    # Half-written checkpoints of a killed run (atomic writes leave them beside the real one,
+    # under a temporary name); one training at a time writes here, so none is in use.
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     if not path.exists():
         return None
     try:

@@ -183,9 +183,10 @@ def create_app(
         loaded = follower.current
         if loaded is None:
             return JSONResponse({"ready": False, "reason": follower.reason}, status_code=503)
-        return JSONResponse(
-            {"ready": True, "model_name": follower.name, "model_version": loaded.version}
-        )
+        answer = {"ready": True, "model_name": follower.name, "model_version": loaded.version}
+        if follower.warning:  # it serves, but someone should look
+            answer["warning"] = follower.warning
+        return JSONResponse(answer)
 
     @app.get(
         "/model",
@@ -194,7 +195,8 @@ def create_app(
         responses={503: {"model": Problem}},
     )
     async def model_info() -> dict[str, Any]:
-        return champion().info
+        info = champion().info
+        return {**info, "warning": follower.warning} if follower.warning else info
 
     @app.post(
         "/predict",

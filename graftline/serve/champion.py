@@ -33,6 +33,7 @@ class LoadedModel:
     classes: list[str]
     input_shape: tuple[int, int, int]
     info: dict[str, Any] = field(default_factory=dict)
+    checkpoint_file: tuple[str, int] = ("", 0)  # path inside the version's artifacts, size
 
     def predict(self, pixels: np.ndarray) -> pd.DataFrame:
         return predict_frame(self.model, self.classes, pixels)
@@ -51,6 +52,7 @@ def load_version(client: Any, name: str, version: str) -> LoadedModel:
     if not found:
         raise FileNotFoundError(f"models:/{name}/{version} has no checkpoint artifact")
     model, ckpt = load_checkpoint(found[0])
+    checkpoint_file = (found[0].relative_to(root).as_posix(), found[0].stat().st_size)
     metrics: dict[str, float] = {}
     if mv.run_id:
         try:
@@ -68,7 +70,38 @@ def load_version(client: Any, name: str, version: str) -> LoadedModel:
         "tags": dict(mv.tags),
         "aliases": list(getattr(mv, "aliases", []) or []),
     }
-    return LoadedModel(str(version), model, list(ckpt["classes"]), tuple(ckpt["input_shape"]), info)
+    return LoadedModel(
+        str(version),
+        model,
+        list(ckpt["classes"]),
+        tuple(ckpt["input_shape"]),
+        info,
+        checkpoint_file,
+    )
+
+
+def _artifact_problem(name: str, loaded: LoadedModel) -> str:
+    """What is wrong with the registry's copy of the served version's checkpoint, or ""."""
+    import mlflow
+
+    path, size = loaded.checkpoint_file
+    folder = path.rpartition("/")[0]
+    uri = f"models:/{name}/{loaded.version}" + (f"/{folder}" if folder else "")
+    try:
+        listed = {
+            f.path.rpartition("/")[2]: f.file_size for f in mlflow.artifacts.list_artifacts(uri)
+        }
+    except Exception as err:  # a store that cannot list counts as a store that lost it
+        return f"cannot read the registry's copy of v{loaded.version} ({str(err)[:300]})"
+    name_only = path.rpartition("/")[2]
+    if name_only not in listed:
+        return f"the registry's checkpoint of v{loaded.version} ({path}) is gone"
+    if listed[name_only] not in (None, size):
+        return (
+            f"the registry's checkpoint of v{loaded.version} ({path}) changed size "
+            f"({size} -> {listed[name_only]} bytes): corrupted or replaced"
+        )
+    return ""
 
 
 class ChampionFollower:
@@ -80,6 +113,9 @@ class ChampionFollower:
         self.poll_seconds = poll_seconds
         self.current: LoadedModel | None = None
         self.reason = "not loaded yet"
+        # What is wrong while a model is served anyway (registry unreachable, its artifact
+        # gone or changed); empty when all is well.
+        self.warning = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -94,17 +130,28 @@ class ChampionFollower:
             except MlflowException as err:
                 if self.current is None:
                     self.reason = f"no champion for model {self.name!r} in the registry"
+                else:
+                    self._warn(f"the registry does not answer ({str(err)[:300]})")
                 log.debug("champion lookup failed: %s", err)
                 return False
             version = str(mv.version)
             if self.current is not None and self.current.version == version:
+                self._warn(_artifact_problem(self.name, self.current))
                 return False
             loaded = load_version(self.client, self.name, version)
             previous = self.current.version if self.current else None
             self.current = loaded  # one reference swap: in-flight requests keep the old one
             self.reason = ""
+            self.warning = ""
             log.info("serving %s v%s (was %s)", self.name, version, previous or "none")
             return True
+
+    def _warn(self, problem: str) -> None:
+        if problem and self.current is not None:
+            problem = f"{problem}; still serving v{self.current.version} as loaded"
+            if problem != self.warning:
+                log.warning("%s", problem)
+        self.warning = problem
 
     def start(self) -> None:
         try:
@@ -119,7 +166,8 @@ class ChampionFollower:
         while not self._stop.wait(self.poll_seconds):
             try:
                 self.refresh()
-            except Exception:  # keep serving the current model; try again next tick
+            except Exception as err:  # keep serving the current model; try again next tick
+                self._warn(f"cannot load the champion ({str(err)[:300]})")
                 log.exception(
                     "champion refresh failed; still serving v%s",
                     self.current.version if self.current else "-",

@@ -23,7 +23,6 @@ from typing import Any
 import psutil
 import pytest
 import torch
-import yaml
 
 from graftline.errors import ArtifactError
 from tests.conftest import TINY_PARAMS, blob_digits, free_port, make_repo, tool_env
@@ -308,38 +307,148 @@ def _snapshot(repo: Path, remote: Path) -> dict[str, str]:
     return files
 
 
-def test_nothing_changed_rerun_changes_nothing(tmp_path: Path) -> None:
-    """Case 17: run, then run again with nothing changed: files, registry and remote stay."""
+def test_unreachable_remote_then_nothing_changed_rerun(tmp_path: Path) -> None:
+    """Case 7: the DVC remote does not answer during push: a clear error, the model stays
+    registered, the data stays in the cache; once the remote is back the next run pushes.
+    Case 17: then a run with nothing changed changes nothing: files (outputs not even
+    rewritten), registry, remote."""
     from mlflow import MlflowClient
 
-    remote = tmp_path / "remote"
-    remote.mkdir()
-    repo = make_repo(tmp_path / "repo", TINY_PARAMS, remote)
-    env = _env(repo, tmp_path / "home")
+    url = f"http://127.0.0.1:{free_port()}/dvc"
+    repo = make_repo(tmp_path / "repo", TINY_PARAMS)
+    sh_env = _env(repo, tmp_path / "home")
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "remote", "add", "-d", "store", url],
+        cwd=repo,
+        env=sh_env,
+        check=True,
+        capture_output=True,
+    )
 
-    def run() -> None:
-        proc = subprocess.run(
+    def run() -> subprocess.CompletedProcess:
+        return subprocess.run(
             [sys.executable, "-m", "graftline.cli", "run", "--push"],
             cwd=repo,
-            env=env,
+            env=sh_env,
             capture_output=True,
             text=True,
             timeout=300,
         )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    def registry() -> list[tuple[str, str, dict[str, str]]]:
-        client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
-        return sorted(
-            (v.name, v.version, dict(v.tags))
-            for v in client.search_model_versions("name = 'tiny-digits'")
-        ) + [(m.name, "aliases", dict(m.aliases)) for m in client.search_registered_models()]
+    failed = run()
+    assert failed.returncode != 0
+    out = failed.stdout + failed.stderr
+    assert f"dvc push to remote 'store' ({url}) failed" in out, out[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    assert [v.version for v in client.search_model_versions("name = 'tiny-digits'")] == ["1"]
+    cached = [p for p in (repo / ".dvc/cache").rglob("*") if p.is_file()]
+    assert cached, "nothing in the local cache"
 
-    run()
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "remote", "modify", "store", "url", str(remote)],
+        cwd=repo,
+        env=sh_env,
+        check=True,
+        capture_output=True,
+    )
+    again = run()
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert re.search(r"dvc push: [1-9]\d* file\(s\) sent", again.stdout + again.stderr)
+    status = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "--cloud"],
+        cwd=repo,
+        env=sh_env,
+        capture_output=True,
+        text=True,
+    )
+    assert "in sync" in status.stdout, status.stdout + status.stderr
+    assert [v.version for v in client.search_model_versions("name = 'tiny-digits'")] == ["1"]
+
+    def registry() -> list[Any]:
+        versions = client.search_model_versions("name = 'tiny-digits'")
+        models = client.search_registered_models()
+        return sorted((v.version, sorted(v.tags.items())) for v in versions) + [
+            (m.name, sorted(m.aliases.items())) for m in models
+        ]
+
     files, models = _snapshot(repo, remote), registry()
     mtimes = {p: p.stat().st_mtime_ns for p in (repo / "models").rglob("*") if p.is_file()}
-    run()
+    unchanged = run()
+    assert unchanged.returncode == 0, unchanged.stdout[-3000:] + unchanged.stderr[-3000:]
     assert _snapshot(repo, remote) == files
     assert registry() == models
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes, "outputs were rewritten"
-    assert yaml.safe_load((repo / "dvc.lock").read_text())  # still a valid lock
+
+
+# Trains a model whose checkpoint (weights + Adam state, ~50 MB) takes longer to write than an
+# epoch takes to train, so that a kill at a random moment most likely lands mid-write.
+_TRAINER = """
+import sys, torch
+from graftline.config import TrainConfig
+from graftline.data.dataset import Dataset
+from graftline.models import build_classifier
+from graftline.train import fit
+from tests.conftest import blob_digits
+
+torch.manual_seed(0)
+x, y = blob_digits(8, classes=2)
+data = Dataset(x[:, None], y.astype("int64"), ["0", "1"], "blobs")
+model = build_classifier(
+    {"arch": "cnn", "channels": [4, 8], "hidden": 4096, "dropout": 0.0}, 1, 28, 2
+)
+cfg = TrainConfig(epochs=int(sys.argv[3]), batch_size=16, lr=1e-3, num_threads=1)
+result = fit(model, data, None, cfg, seed=0, resume_path=sys.argv[1], fingerprint="f",
+             progress=False)
+torch.save(model.state_dict(), sys.argv[2])
+print("resumed_from", result.resumed_from)
+"""
+
+
+def test_kill_while_a_checkpoint_is_written_keeps_the_previous_one(tmp_path: Path) -> None:
+    """Case 2: SIGKILL at random moments of a run that mostly writes checkpoints: the resume
+    checkpoint is always whole, the rerun resumes from it, and ends as if never killed."""
+    import random
+
+    epochs = "12"
+    env = tool_env(Path.cwd())
+
+    def trainer(ckpt: Path, out: Path) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-c", _TRAINER, str(ckpt), str(out), epochs],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    reference = tmp_path / "reference.pt"
+    done = trainer(tmp_path / "reference-ckpt.pt", reference)
+    assert done.wait(timeout=300) == 0, done.stdout.read() if done.stdout else ""
+
+    ckpt, out = tmp_path / "resume.pt", tmp_path / "final.pt"
+    rng = random.Random(0)
+    kills = 0
+    while kills < 5:
+        proc = trainer(ckpt, out)
+        while not ckpt.exists() and proc.poll() is None:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.05, 0.6))
+        if proc.poll() is not None:
+            break  # it finished first
+        proc.kill()
+        proc.wait()
+        kills += 1
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)  # whole, or this fails
+        assert state["epoch"] >= 0
+    assert kills >= 1, "the run never got killed"
+    last = trainer(ckpt, out)
+    output = last.communicate(timeout=300)[0]
+    assert last.returncode == 0, output
+    assert "resumed_from None" not in output, output
+    # What the killed writers left half-written beside it is gone too.
+    assert not list(tmp_path.glob(f".{ckpt.name}.*.tmp"))
+    a = torch.load(reference, weights_only=True)
+    b = torch.load(out, weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run ended elsewhere"
