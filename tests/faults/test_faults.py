@@ -340,7 +340,7 @@ def test_unreachable_remote_then_nothing_changed_rerun(tmp_path: Path) -> None:
     out = failed.stdout + failed.stderr
     assert f"dvc push to remote 'store' ({url}) failed" in out, out[-3000:]
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
-    assert [v.version for v in client.search_model_versions("name = 'tiny-digits'")] == ["1"]
+    assert [str(v.version) for v in client.search_model_versions("name = 'tiny-digits'")] == ["1"]
     cached = [p for p in (repo / ".dvc/cache").rglob("*") if p.is_file()]
     assert cached, "nothing in the local cache"
 
@@ -364,7 +364,7 @@ def test_unreachable_remote_then_nothing_changed_rerun(tmp_path: Path) -> None:
         text=True,
     )
     assert "in sync" in status.stdout, status.stdout + status.stderr
-    assert [v.version for v in client.search_model_versions("name = 'tiny-digits'")] == ["1"]
+    assert [str(v.version) for v in client.search_model_versions("name = 'tiny-digits'")] == ["1"]
 
     def registry() -> list[Any]:
         versions = client.search_model_versions("name = 'tiny-digits'")

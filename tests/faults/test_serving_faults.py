@@ -4,13 +4,16 @@ what is wrong."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import torch
@@ -51,7 +54,8 @@ def test_champion_artifact_lost_while_serving(
             "model_name": "blobs",
             "model_version": version,
         }
-        stored = [p for p in (sqlite_root / "mlruns").rglob("model.pt")]
+        location = MlflowClient().get_model_version_download_uri("blobs", version)
+        stored = list(Path(urlparse(location).path).rglob("model.pt"))
         assert stored, "no stored checkpoint found"
         for p in stored:  # the registry's copy, not the one loaded in memory
             if damage == "deleted":
@@ -92,6 +96,7 @@ def mlflow_server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
+        start_new_session=True,  # its workers too can be killed at once, as a group
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
@@ -105,9 +110,9 @@ def mlflow_server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
     try:
         yield url, proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
 
 
 def test_registry_unreachable_while_serving(
@@ -127,7 +132,7 @@ def test_registry_unreachable_while_serving(
     follower, service = _serving(MlflowClient(tracking_uri=url))
     with service:
         assert service.get("/ready").json()["model_version"] == version
-        server.kill()  # the tracking server dies under the service
+        os.killpg(server.pid, signal.SIGKILL)  # the tracking server dies under the service
         server.wait()
         follower.refresh()
         ready = service.get("/ready")
