@@ -151,11 +151,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def cmd_schedule(args: argparse.Namespace) -> int:
     load_params(args.params)  # a bad key fails here, before any server starts
     _check_schedule(args.cron, args.timezone)
-    from graftline import tracking
+    from flows.server import SERVER_LOG, connect, start_unless_configured
+    from graftline import processes, tracking
 
     tracking.check_reachable()
-    from flows.server import SERVER_LOG, connect, start_unless_configured
-    from graftline import processes
 
     # Orphaned descendants (a stage whose flow process died) become this process's children,
     # so that none outlives it.
