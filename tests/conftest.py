@@ -6,6 +6,7 @@ import contextlib
 import gzip
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -131,6 +132,28 @@ def prefect_server(home: Path) -> Iterator[str]:
         yield url
     finally:
         proc.terminate()
+        proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A real ``mlflow server`` on loopback (SQLite store, local artifacts) in a process group
+    of its own, so that it and its workers stop (or are killed) together; yields its URL and
+    process."""
+    port = free_port()
+    log = folder / "server.log"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--backend-store-uri", f"sqlite:///{folder / 'server.db'}"]
+    cmd += ["--artifacts-destination", str(folder / "artifacts"), "--workers", "1"]
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{url}/health", proc, log)
+        yield url, proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
 
 

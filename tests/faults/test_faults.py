@@ -51,6 +51,18 @@ def _graftline(repo: Path, env: dict[str, str], *args: str, log: Path) -> subpro
         )
 
 
+def _cli(repo: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """`graftline ARGS` to the end, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "graftline.cli", *args],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def _wait_for_line(log: Path, pattern: str, proc: subprocess.Popen, seconds: float = 180) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
@@ -156,14 +168,7 @@ def test_two_runs_at_once_one_refuses(tmp_path: Path) -> None:
     first = _graftline(repo, env, "run", "--no-deploy", log=first_log)
     try:
         _wait_for_line(first_log, rf"pretrain epoch {EPOCHS // 10}/{EPOCHS}", first)
-        second = subprocess.run(
-            [sys.executable, "-m", "graftline.cli", "run", "--no-deploy"],
-            cwd=repo,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        second = _cli(repo, env, "run", "--no-deploy")
         assert second.returncode == 2, second.stdout + second.stderr
         assert "another pipeline is running in this checkout" in second.stderr
         assert f"pid {first.pid}" in second.stderr
@@ -179,14 +184,7 @@ def test_unreachable_tracking_server_fails_fast_before_training(tmp_path: Path) 
     uri = f"http://127.0.0.1:{free_port()}"
     env = _env(repo, tmp_path / "home", MLFLOW_TRACKING_URI=uri)
     started = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "graftline.cli", "run"],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = _cli(repo, env, "run")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert time.monotonic() - started < 30
     assert uri in proc.stderr and "unreachable" in proc.stderr
@@ -200,14 +198,7 @@ def test_non_finite_loss_fails_the_stage_and_registers_nothing(tmp_path: Path) -
     params = copy.deepcopy(TINY_PARAMS)
     params["finetune"]["train"] |= {"lr": 1e30, "optimizer": "sgd"}
     repo = make_repo(tmp_path / "repo", params)
-    proc = subprocess.run(
-        [sys.executable, "-m", "graftline.cli", "run"],
-        cwd=repo,
-        env=_env(repo, tmp_path / "home"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _cli(repo, _env(repo, tmp_path / "home"), "run")
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert re.search(r"non-finite loss .* at epoch \d+, step \d+", out), out[-4000:]
@@ -326,14 +317,7 @@ def test_unreachable_remote_then_nothing_changed_rerun(tmp_path: Path) -> None:
     )
 
     def run() -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "graftline.cli", "run", "--push"],
-            cwd=repo,
-            env=sh_env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        return _cli(repo, sh_env, "run", "--push")
 
     failed = run()
     assert failed.returncode != 0

@@ -4,13 +4,9 @@ what is wrong."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -23,7 +19,7 @@ from mlflow import MlflowClient
 from graftline import tracking
 from graftline.serve.app import create_app
 from graftline.serve.champion import ChampionFollower
-from tests.conftest import free_port
+from tests.conftest import mlflow_server
 from tests.integration.conftest import (  # noqa: F401 - fixtures shared with integration
     blobs,
     deploy_once,
@@ -74,54 +70,18 @@ def test_champion_artifact_lost_while_serving(
 
 
 @pytest.fixture
-def mlflow_server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    port = free_port()
-    log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "artifacts"),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its workers too can be killed at once, as a group
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-            time.sleep(0.5)
-    try:
-        yield url, proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+def server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    with mlflow_server(tmp_path) as running:
+        yield running
 
 
 def test_registry_unreachable_while_serving(
     sqlite_root: Path,
     trained: torch.nn.Module,
     monkeypatch: pytest.MonkeyPatch,
-    mlflow_server: tuple[str, subprocess.Popen],
+    server: tuple[str, subprocess.Popen],
 ) -> None:
-    url, server = mlflow_server
+    url, process = server
     monkeypatch.delenv("GRAFTLINE_API_TOKEN", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -132,8 +92,8 @@ def test_registry_unreachable_while_serving(
     follower, service = _serving(MlflowClient(tracking_uri=url))
     with service:
         assert service.get("/ready").json()["model_version"] == version
-        os.killpg(server.pid, signal.SIGKILL)  # the tracking server dies under the service
-        server.wait()
+        os.killpg(process.pid, signal.SIGKILL)  # the tracking server dies under the service
+        process.wait()
         follower.refresh()
         ready = service.get("/ready")
         assert ready.status_code == 200

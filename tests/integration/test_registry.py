@@ -22,7 +22,7 @@ from graftline.config import parse_params
 from graftline.data.store import save_splits
 from graftline.registry import PromotionConflict, Registry, RegistryError
 from tasks import paths
-from tests.conftest import free_port
+from tests.conftest import free_port, mlflow_server
 from tests.integration.conftest import blobs, deploy_once, graftline_cli, write_model
 
 
@@ -35,47 +35,8 @@ def store(
     if request.param == "sqlite":
         yield f"sqlite:///{tmp / 'mlflow.db'}"
         return
-    port = free_port()
-    log = (tmp / "server.log").open("w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{tmp / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp / "artifacts"),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError((tmp / "server.log").read_text()) from None
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("mlflow server did not start:\n" + (tmp / "server.log").read_text())
-    try:
+    with mlflow_server(tmp) as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 @pytest.fixture
