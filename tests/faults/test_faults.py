@@ -298,11 +298,17 @@ def _snapshot(repo: Path, remote: Path) -> dict[str, str]:
     return files
 
 
-def test_unreachable_remote_then_nothing_changed_rerun(tmp_path: Path) -> None:
-    """Case 7: the DVC remote does not answer during push: a clear error, the model stays
-    registered, the data stays in the cache; once the remote is back the next run pushes.
-    Case 17: then a run with nothing changed changes nothing: files (outputs not even
-    rewritten), registry, remote."""
+def test_unreachable_remote_unchanged_rerun_corrupted_cache(tmp_path: Path) -> None:
+    """One repo through three faults, in order (each needs a finished run before it):
+
+    - case 7: the DVC remote does not answer during push: a clear error, the model stays
+      registered, the data stays in the cache; once the remote is back the next run pushes;
+    - case 17: a run with nothing changed changes nothing: files (outputs not even
+      rewritten), registry, remote;
+    - case 9: the cached copy of the fine-tuned model is corrupted (and checked out, as
+      `dvc checkout` does without verifying): DVC reports it, the next run rebuilds the
+      model instead of using it, repairs the cache, and the registry does not change.
+    """
     from mlflow import MlflowClient
 
     url = f"http://127.0.0.1:{free_port()}/dvc"
@@ -364,6 +370,28 @@ def test_unreachable_remote_then_nothing_changed_rerun(tmp_path: Path) -> None:
     assert _snapshot(repo, remote) == files
     assert registry() == models
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes, "outputs were rewritten"
+
+    model = repo / "models/finetuned/model.pt"
+    good = hashlib.md5(model.read_bytes()).hexdigest()
+    cached = repo / ".dvc/cache/files/md5" / good[:2] / good[2:]
+    cached.chmod(0o644)
+    damaged = bytearray(cached.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # one flipped byte inside the weights
+    cached.write_bytes(bytes(damaged))
+    model.unlink()
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "checkout", "models/finetuned"], cwd=repo, env=sh_env, check=True)
+    assert hashlib.md5(model.read_bytes()).hexdigest() != good  # the damage is in place
+    status = subprocess.run(
+        [*dvc, "status", "finetune"], cwd=repo, env=sh_env, capture_output=True, text=True
+    )
+    assert "not in cache" in status.stdout, status.stdout
+    rebuilt = run()
+    assert rebuilt.returncode == 0, rebuilt.stdout[-3000:] + rebuilt.stderr[-3000:]
+    assert "Running stage 'finetune'" in rebuilt.stdout + rebuilt.stderr
+    assert hashlib.md5(model.read_bytes()).hexdigest() == good
+    assert hashlib.md5(cached.read_bytes()).hexdigest() == good, "the cache was not repaired"
+    assert registry() == models
 
 
 # Trains a model whose checkpoint (weights + Adam state, ~50 MB) takes longer to write than an
