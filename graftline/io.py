@@ -7,6 +7,7 @@ with ``os.replace``, so a crash never leaves a half-written file under the real 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -18,20 +19,36 @@ from typing import Any
 
 import numpy as np
 
+from graftline.errors import ArtifactError
+
 
 @contextlib.contextmanager
 def atomic_path(dest: Path | str) -> Iterator[Path]:
-    """Yield a temporary path beside ``dest``; move it onto ``dest`` if the block succeeds."""
+    """Yield a temporary path beside ``dest``; move it onto ``dest`` if the block succeeds.
+
+    Raises:
+        ArtifactError: the disk filled up (or a quota was reached) while writing; ``dest``
+            keeps its previous content and the temporary file is removed.
+    """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = dest
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         os.replace(tmp_path, dest)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise ArtifactError(
+            f"{dest}: no space left on the device while writing it "
+            f"({'the previous version is intact' if dest.exists() else 'nothing was written'})"
+        ) from err
     finally:
-        tmp_path.unlink(missing_ok=True)
+        if tmp_path != dest:
+            tmp_path.unlink(missing_ok=True)
 
 
 def write_json(dest: Path | str, data: Any) -> None:

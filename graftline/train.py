@@ -11,6 +11,7 @@ ends with exactly the weights of an uninterrupted run.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import time
@@ -300,23 +301,27 @@ def fit(
             " ".join(f"{k}={v:.4f}" for k, v in record.items() if k not in ("epoch",)),
         )
         if resume_path is not None:
+            # Through a buffer: a full disk then fails in Python's write (ENOSPC, which
+            # atomic_path reports) rather than deep in torch's zip writer.
+            buf = io.BytesIO()
+            torch.save(
+                {
+                    "format": RESUME_FORMAT,
+                    "fingerprint": fingerprint,
+                    "epoch": epoch,
+                    "step": step,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "history": history,
+                    "best_state": best_state,
+                    "best_key": list(best_key) if best_key is not None else None,
+                    "best_epoch": best_epoch,
+                    "bad_epochs": bad_epochs,
+                },
+                buf,
+            )
             with atomic_path(resume_path) as tmp:
-                torch.save(
-                    {
-                        "format": RESUME_FORMAT,
-                        "fingerprint": fingerprint,
-                        "epoch": epoch,
-                        "step": step,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "history": history,
-                        "best_state": best_state,
-                        "best_key": list(best_key) if best_key is not None else None,
-                        "best_epoch": best_epoch,
-                        "bad_epochs": bad_epochs,
-                    },
-                    tmp,
-                )
+                tmp.write_bytes(buf.getvalue())
         if on_epoch_end is not None:
             on_epoch_end(record)
 
