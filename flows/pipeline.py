@@ -349,7 +349,16 @@ def _pipeline(
         if packaging is not None:
             packaging.wait()  # let it finish its MLflow writes before the process ends
         # Exceptions fail the run; a signal (cancellation, Ctrl-C) kills it.
-        client.set_terminated(parent_id, "FAILED" if isinstance(err, Exception) else "KILLED")
+        status = "FAILED" if isinstance(err, Exception) else "KILLED"
+        try:
+            client.set_terminated(parent_id, status)
+        except Exception as closing:  # the tracking server may be what failed
+            get_run_logger().warning(
+                "could not mark MLflow run %s %s (%s); the next run will",
+                parent_id,
+                status,
+                str(closing)[:300],
+            )
         raise
     client.set_terminated(parent_id, "FINISHED")
     return result

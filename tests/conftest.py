@@ -136,12 +136,12 @@ def prefect_server(home: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def mlflow_server(folder: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    """A real ``mlflow server`` on loopback (SQLite store, local artifacts) in a process group
-    of its own, so that it and its workers stop (or are killed) together; yields its URL and
-    process."""
-    port = free_port()
-    log = folder / "server.log"
+def mlflow_server(folder: Path, port: int | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A real ``mlflow server`` on loopback (SQLite store and artifacts in ``folder``) in a
+    process group of its own, so that it and its workers stop (or are killed) together;
+    yields its URL and process. The same folder and port again make a restarted server."""
+    port = port or free_port()
+    log = folder / f"server-{time.time_ns()}.log"
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--backend-store-uri", f"sqlite:///{folder / 'server.db'}"]
     cmd += ["--artifacts-destination", str(folder / "artifacts"), "--workers", "1"]

@@ -464,3 +464,38 @@ def test_kill_while_a_checkpoint_is_written_keeps_the_previous_one(tmp_path: Pat
     a = torch.load(reference, weights_only=True)
     b = torch.load(out, weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run ended elsewhere"
+
+
+def test_tracking_server_killed_mid_run_then_restarted(tmp_path: Path) -> None:
+    """Case 6: the MLflow server dies (its whole process group, SIGKILL) while pretraining
+    trains: the run fails with a clear error; once the server is back, the rerun completes,
+    closes what the dead attempt left RUNNING, and the registry holds one version."""
+    from mlflow import MlflowClient
+
+    from tests.conftest import mlflow_server
+
+    store = tmp_path / "store"
+    store.mkdir()
+    repo = make_repo(tmp_path / "repo", PARAMS)
+    port = free_port()
+    retries = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    with mlflow_server(store, port) as (url, server):
+        env = _env(repo, tmp_path / "home", MLFLOW_TRACKING_URI=url, **retries)
+        log = tmp_path / "first.log"
+        first = _graftline(repo, env, "run", log=log)
+        _wait_for_line(log, rf"pretrain epoch {EPOCHS // 10 * 2}/{EPOCHS}", first)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        assert first.wait(timeout=180) != 0
+        assert url in log.read_text() or "Connection refused" in log.read_text()
+    assert not _stage_processes(repo)
+    with mlflow_server(store, port) as (url, _):
+        again = _cli(repo, env, "run")
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        client = MlflowClient(tracking_uri=url)
+        versions = client.search_model_versions("name = 'tiny-digits'")
+        assert [str(v.version) for v in versions] == ["1"]
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        statuses = [r.info.status for r in client.search_runs(experiments, max_results=1000)]
+        assert "RUNNING" not in statuses, statuses
+        assert "KILLED" in statuses  # the dead attempt's runs, closed by the rerun
