@@ -27,7 +27,7 @@ import torch
 from graftline.errors import ArtifactError
 from tests.conftest import TINY_PARAMS, blob_digits, free_port, make_repo, tool_env
 
-EPOCHS = 300  # pretraining long enough to be interrupted mid-way (~10 s on 2 cores)
+EPOCHS = 150  # pretraining long enough to be interrupted mid-way (~5 s on 2 cores)
 PARAMS = copy.deepcopy(TINY_PARAMS)
 PARAMS["pretrain"]["train"]["epochs"] = EPOCHS
 

@@ -45,7 +45,7 @@ bodies = (
     | st.binary(max_size=300).map(lambda b: b.decode("latin-1"))
 )
 FUZZ = settings(
-    max_examples=150,
+    max_examples=100,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     derandomize=True,  # the same inputs on every run: a failure reproduces
