@@ -66,6 +66,18 @@ def sh(args: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess
     return proc
 
 
+def graftline(repo: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """`graftline ARGS` in ``repo``, to the end, as a user runs it; output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "graftline.cli", *args],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 def make_repo(dest: Path, params: dict[str, Any], remote: Path | None = None) -> Path:
     """A fresh clone-like copy of this repo (what git would commit), with other params."""
     import yaml

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from graftline.errors import ArtifactError
-from tests.conftest import TINY_PARAMS, blob_digits, free_port, make_repo, tool_env
+from tests.conftest import TINY_PARAMS, blob_digits, free_port, graftline, make_repo, tool_env
 
 EPOCHS = 150  # pretraining long enough to be interrupted mid-way (~5 s on 2 cores)
 PARAMS = copy.deepcopy(TINY_PARAMS)
@@ -49,18 +49,6 @@ def _graftline(repo: Path, env: dict[str, str], *args: str, log: Path) -> subpro
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-
-
-def _cli(repo: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    """`graftline ARGS` to the end, as a user runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "graftline.cli", *args],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def _wait_for_line(log: Path, pattern: str, proc: subprocess.Popen, seconds: float = 180) -> None:
@@ -169,7 +157,7 @@ def test_two_runs_at_once_one_refuses(tmp_path: Path) -> None:
     first = _graftline(repo, env, "run", "--no-deploy", log=first_log)
     try:
         _wait_for_line(first_log, rf"pretrain epoch {EPOCHS // 10}/{EPOCHS}", first)
-        second = _cli(repo, env, "run", "--no-deploy")
+        second = graftline(repo, env, "run", "--no-deploy")
         assert second.returncode == 2, second.stdout + second.stderr
         assert "another pipeline is running in this checkout" in second.stderr
         assert f"pid {first.pid}" in second.stderr
@@ -185,7 +173,7 @@ def test_unreachable_tracking_server_fails_fast_before_training(tmp_path: Path) 
     uri = f"http://127.0.0.1:{free_port()}"
     env = _env(repo, tmp_path / "home", MLFLOW_TRACKING_URI=uri)
     started = time.monotonic()
-    proc = _cli(repo, env, "run")
+    proc = graftline(repo, env, "run")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert time.monotonic() - started < 30
     assert uri in proc.stderr and "unreachable" in proc.stderr
@@ -199,7 +187,7 @@ def test_non_finite_loss_fails_the_stage_and_registers_nothing(tmp_path: Path) -
     params = copy.deepcopy(TINY_PARAMS)
     params["finetune"]["train"] |= {"lr": 1e30, "optimizer": "sgd"}
     repo = make_repo(tmp_path / "repo", params)
-    proc = _cli(repo, _env(repo, tmp_path / "home"), "run")
+    proc = graftline(repo, _env(repo, tmp_path / "home"), "run")
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert re.search(r"non-finite loss .* at epoch \d+, step \d+", out), out[-4000:]
@@ -324,7 +312,7 @@ def test_unreachable_remote_unchanged_rerun_corrupted_cache(tmp_path: Path) -> N
     )
 
     def run() -> subprocess.CompletedProcess:
-        return _cli(repo, sh_env, "run", "--push")
+        return graftline(repo, sh_env, "run", "--push")
 
     failed = run()
     assert failed.returncode != 0
@@ -491,7 +479,7 @@ def test_tracking_server_killed_mid_run_then_restarted(tmp_path: Path) -> None:
         assert url in log.read_text() or "Connection refused" in log.read_text()
     assert not _stage_processes(repo)
     with mlflow_server(store, port) as (url, _):
-        again = _cli(repo, env, "run")
+        again = graftline(repo, env, "run")
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
         client = MlflowClient(tracking_uri=url)
         versions = client.search_model_versions("name = 'tiny-digits'")

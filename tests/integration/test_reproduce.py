@@ -4,14 +4,13 @@ fresh worktree of a real git repo, with DVC and a real MLflow store."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import TINY_PARAMS, make_repo, sh, tool_env
+from tests.conftest import TINY_PARAMS, graftline, make_repo, sh, tool_env
 
 NAME = "tiny-digits"
 
@@ -30,14 +29,7 @@ def reproduce_cli(repo: Path, *args: str, home: Path | None = None) -> subproces
     env = tool_env(repo, **({"PREFECT_HOME": str(home)} if home else {}))
     for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
         env.pop(key, None)
-    return subprocess.run(
-        [sys.executable, "-m", "graftline.cli", *args],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return graftline(repo, env, *args)
 
 
 @pytest.fixture
