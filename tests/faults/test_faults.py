@@ -109,10 +109,19 @@ def test_interrupted_run_stops_cleanly_and_resumes_to_the_same_weights(
     env = _env(repo, tmp_path / "home")
     log = tmp_path / "first.log"
     run = _graftline(repo, env, "run", "--no-deploy", log=log)
-    _wait_for_line(log, rf"pretrain epoch {EPOCHS // 10 * 3}/{EPOCHS}", run)
+    _wait_for_line(log, rf"pretrain epoch {EPOCHS // 10}/{EPOCHS}", run)
     stage = _stage_processes(repo)
     assert stage, "the pretrain stage process was not found"
+    # The log reaches this test through the flow and Prefect's logger, a little behind the
+    # stage. Hold the stage still while the signal goes out, so that it is surely mid-training
+    # (its last epoch checkpoint says where), however loaded the machine is.
+    for p in stage:
+        p.suspend()
+    checkpoint = repo / ".graftline/checkpoints/pretrain/last.pt"
+    assert torch.load(checkpoint, weights_only=True)["epoch"] + 1 < EPOCHS
     run.send_signal(sig)
+    for p in stage:
+        p.resume()
     assert run.wait(timeout=60) != 0
     # The stage process goes with the command, whichever signal it got.
     _, alive = psutil.wait_procs(stage, timeout=15)
