@@ -28,6 +28,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
+from prefect.utilities.urls import url_for
 
 from graftline import processes, tracking
 from graftline.config import load_params
@@ -158,6 +159,9 @@ def run_dvc_stage(stage: str, root: Path, run_env: dict[str, str]) -> dict[str, 
         try:
             # DVC resolves some paths against the process's cwd (stage/cache.py, dvc 3.67):
             # the stage runs from the repo root, as under `dvc repro`.
+            # DVC's "To track the changes with git, run: git add dvc.lock" after every stage:
+            # `graftline run` says it once, at the end (as `dvc repro --quiet` would not).
+            repo.scm_context.quiet = True
             with contextlib.chdir(root), _dvc_messages(emit), _stage_output(emit) as output:
                 ran = repo.reproduce(
                     targets=[target],
@@ -172,7 +176,8 @@ def run_dvc_stage(stage: str, root: Path, run_env: dict[str, str]) -> dict[str, 
             stopped = processes.stop_descendants(exclude=others)
             logger.warning("Stage '%s' interrupted; stopped its processes %s", stage, stopped)
             raise
-    return {"stage": stage, "ran": bool(ran)}
+    cached = any("is cached - skipping run" in x for x in lines)  # DVC's run cache
+    return {"stage": stage, "ran": bool(ran) and not cached, "cached": cached}
 
 
 @task(name="preprocess", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=_transient)
@@ -238,13 +243,7 @@ def deploy(root: Path, params_path: Path, packaged: Packaged | str) -> dict[str,
         result = deploy_task.run(
             params, root, flow_run_id=str(flow_run.id or "") or None, packaged=packaged
         )
-        tracking.log_result(result)
-    logger.info(
-        "deploy: v%s %s: %s",
-        result["version"],
-        "promoted" if result["promoted"] else "not promoted",
-        result["decision"].reason,
-    )
+        tracking.log_result(result)  # tasks.deploy has logged the decision
     return {k: v for k, v in result.items() if k != "decision"} | {
         "reason": result["decision"].reason
     }
@@ -334,6 +333,12 @@ def _pipeline(
             "stages": stages,
             "metrics": evaluated["metrics"],
             "mlflow_run_id": parent_id,
+            "mlflow_experiment_id": exp_id,
+            "flow_run": {
+                "id": flow_run_id,
+                "name": flow_run.name,
+                "url": url_for("flow-run", obj_id=flow_run_id) if flow_run_id else None,
+            },
         }
         if packaging is not None:
             deployed = deploy(root_path, params_path, packaging.result())

@@ -13,8 +13,10 @@ import json
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from graftline.config import ConfigError, Params, load_params
 from graftline.errors import GraftlineError
@@ -50,20 +52,75 @@ def cmd_run(args: argparse.Namespace) -> int:
     if server is not None:
         print(f"graftline run: temporary Prefect server on {server.api_url}", file=sys.stderr)
         connect(server)
+    started = time.monotonic()
     result = pipeline(
         root=".", params=str(args.params), deploy_model=not args.no_deploy, push_artifacts=args.push
     )
+    print(run_summary(result, time.monotonic() - started, temporary_server=server is not None))
+    return 0
+
+
+def run_summary(result: dict[str, Any], seconds: float, temporary_server: bool = False) -> str:
+    """What `graftline run` did, in a few lines: stages run and skipped, test figures, the
+    gate's decision, and where to look (MLflow, Prefect, DVC)."""
+    from graftline import tracking
+
+    def named(test: Callable[[dict[str, Any]], bool]) -> str:
+        return ", ".join(s["stage"] for s in result["stages"] if test(s)) or "-"
+
+    lines = [
+        f"graftline run: done in {seconds:.0f} s",
+        f"  stages    ran: {named(lambda s: s['ran'])}; "
+        f"from DVC's run cache: {named(lambda s: s.get('cached', False))}; "
+        f"unchanged: {named(lambda s: not s['ran'] and not s.get('cached'))}",
+    ]
     for name in ("finetuned", "scratch", "svc"):
         m = result["metrics"].get(name)
         if m:
-            print(
-                f"{name:10s} accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
+            lines.append(
+                f"  {name:9s} test accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
                 f"ECE {m['ece']:.4f}"
             )
-    if "deploy" in result:
-        d = result["deploy"]
-        print(d["markdown"].strip().splitlines()[-1])
-    return 0
+    d = result.get("deploy")
+    if d is None:
+        lines.append("  gate      not run (--no-deploy)")
+    elif d.get("skipped"):
+        lines.append(f"  gate      model unchanged since v{d['version']}; nothing registered")
+    else:
+        verdict = "promoted to champion" if d["promoted"] else "not promoted"
+        lines.append(f"  gate      v{d['version']} {verdict}: {d['reason']}")
+    uri = tracking.tracking_uri(".")
+    run_id, exp_id = result["mlflow_run_id"], result.get("mlflow_experiment_id", "0")
+    if uri.startswith("http"):
+        lines.append(f"  MLflow    {uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}")
+    else:
+        lines.append(f"  MLflow    run {run_id} in {uri} (`make mlflow-ui` to browse)")
+    fr = result.get("flow_run") or {}
+    where = fr.get("url") or fr.get("id", "")
+    note = " (gone with the temporary server; set PREFECT_API_URL to keep it)" * temporary_server
+    lines.append(f"  Prefect   flow run {fr.get('name', '')} {where}{note}")
+    lines.append(f"  DVC       {_lock_status()}")
+    return "\n".join(lines)
+
+
+def _lock_status() -> str:
+    """Whether the run changed dvc.lock, which git should then record (DVC's advice, once)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--", "dvc.lock"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "dvc.lock written (git unavailable to compare)"
+    if out.returncode != 0:
+        return "dvc.lock written (not a git checkout)"
+    if out.stdout.strip():
+        return "dvc.lock changed: record it with `git add dvc.lock && git commit`"
+    return "dvc.lock matches git: nothing to commit"
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -327,14 +384,48 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+class ConsoleFormatter(logging.Formatter):
+    """One line per event: the time, who speaks (the Prefect task, i.e. the stage, or the
+    flow, or the logger), and the message; the level only when it is not INFO."""
+
+    def __init__(self) -> None:
+        super().__init__(datefmt="%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        who = getattr(record, "task_name", None) or (
+            "flow" if record.name == "prefect.flow_runs" else record.name
+        )
+        who = who.removeprefix("graftline.")
+        level = "" if record.levelno == logging.INFO else f"{record.levelname}: "
+        line = f"{self.formatTime(record, self.datefmt)} {who:<10s} {level}{record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup_console(verbose: bool = False) -> None:
+    """The console of every command: our formatter on the root logger, and quiet libraries.
+
+    Unless ``verbose``: no line per Prefect API call (httpx logs each at INFO), no MLflow
+    INFO lines (database set-up, input-example validation) and no artifact download bars.
+    The stage processes inherit the environment, so they are as quiet.
+    """
+    handler = logging.StreamHandler()
+    handler.setFormatter(ConsoleFormatter())
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # graftline's own lines in a flow run (the deploy decision) go to its Prefect log too.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "graftline")
+    if not verbose:
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(message)s",
-    )
-    if not args.verbose:  # Prefect's client logs every API call through httpx at INFO
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+    setup_console(args.verbose)
     try:
         return args.func(args)
     except (ConfigError, GraftlineError) as err:

@@ -113,6 +113,16 @@ def _evaluate(
     return loss / len(x), correct / len(x)
 
 
+def _duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``1h02m``."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 def _read_resume(path: Path, desc: str) -> dict[str, Any] | None:
     """The resume checkpoint at ``path``, or None when there is none or it cannot be read
     safely (truncated, or carrying pickled objects): training then starts afresh."""
@@ -218,6 +228,7 @@ def fit(
 
     stopped_early = bool(history) and bad_epochs >= (cfg.patience or math.inf)
     train_time, train_images = 0.0, 0
+    started = last_line = time.monotonic()
     for epoch in range(start_epoch, epochs):
         if stopped_early or step >= total_steps:
             break
@@ -291,14 +302,23 @@ def fit(
                 if cfg.patience and bad_epochs >= cfg.patience:
                     stopped_early = True
         history.append(record)
-        every = max(1, epochs // 10)  # about ten log lines per run, plus the last epoch
+        # About ten lines per run plus the last epoch, and one at least every 10 s: progress
+        # as it happens, in a terminal or a log file alike.
+        now = time.monotonic()
+        wall = now - started
+        every = max(1, epochs // 10)
+        shown = (epoch + 1) % every == 0 or epoch + 1 == epochs or now - last_line >= 10
+        if shown:
+            last_line = now
+        eta = wall / (epoch + 1 - start_epoch) * (epochs - epoch - 1)
         log.log(
-            logging.INFO if (epoch + 1) % every == 0 or epoch + 1 == epochs else logging.DEBUG,
-            "%s epoch %d/%d: %s",
+            logging.INFO if shown else logging.DEBUG,
+            "%s epoch %d/%d: %s  eta %s",
             desc,
             epoch + 1,
             epochs,
-            " ".join(f"{k}={v:.4f}" for k, v in record.items() if k not in ("epoch",)),
+            " ".join(f"{k}={v:.4f}" for k, v in record.items() if k not in ("epoch", "seconds")),
+            _duration(eta),
         )
         if resume_path is not None:
             # Through a buffer: a full disk then fails in Python's write (ENOSPC, which

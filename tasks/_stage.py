@@ -48,6 +48,21 @@ def _stop_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+class _Bare(logging.Formatter):
+    """The message, with its level when it is not INFO."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno == logging.INFO else f"{record.levelname}: {text}"
+
+
+class _Timed(_Bare):
+    """The time too: what `dvc repro` prints of a stage."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{self.formatTime(record, '%H:%M:%S')} {super().format(record)}"
+
+
 def _interrupt(signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
 
@@ -64,7 +79,10 @@ def stage_main(name: str, run: Callable[[Params], Any], argv: list[str] | None =
     parser = argparse.ArgumentParser(prog=f"python -m tasks.{name}", description=run.__doc__)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    handler = logging.StreamHandler()
+    # Under the flow, each line gets its time and the stage's name there (graftline.cli).
+    handler.setFormatter(_Bare() if os.environ.get(STAGE_LOG_ENV) else _Timed())
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     try:
         params = load_params(args.params)
     except ConfigError as err:

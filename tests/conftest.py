@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
+import re
 import shutil
 import signal
 import socket
@@ -76,6 +77,30 @@ def graftline(repo: Path, env: dict[str, str], *args: str) -> subprocess.Complet
         text=True,
         timeout=600,
     )
+
+
+# What a console must not show (issue 13): a line per Prefect API call, DVC's git advice,
+# MLflow's type-hint warning and its ANSI colours, tracebacks, two timestamps on one line.
+CONSOLE_NOISE = {
+    "httpx line": re.compile(r"HTTP Request: "),
+    "DVC git advice": re.compile(r"To track the changes with git|dvc config core.autostage"),
+    "a Python warning": re.compile(r"\w+Warning: |color_warning\("),
+    "ANSI escape": re.compile("\x1b\\["),
+    "traceback": re.compile(r"Traceback \(most recent call last\)"),
+    "two timestamps": re.compile(r"\d\d:\d\d:\d\d\S*\s.*\d\d:\d\d:\d\d[,.]\d"),
+    "artifact download bar": re.compile(r"Downloading artifacts"),
+}
+
+
+def assert_quiet_console(text: str) -> None:
+    """The console of a command reads like a tool's output: none of ``CONSOLE_NOISE``."""
+    found = {
+        what: line
+        for what, pattern in CONSOLE_NOISE.items()
+        for line in text.splitlines()
+        if pattern.search(line)
+    }
+    assert not found, found
 
 
 def make_repo(dest: Path, params: dict[str, Any], remote: Path | None = None) -> Path:

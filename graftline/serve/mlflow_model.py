@@ -23,8 +23,11 @@ class GraftlineClassifier(mlflow.pyfunc.PythonModel):
         self.classes = list(ckpt["classes"])
         self.input_shape = tuple(ckpt["input_shape"])
 
-    # No type hints here: MLflow would read them as an input schema and warn.
-    def predict(self, context, model_input, params=None):
+    # np.ndarray is a hint MLflow takes as "no schema from hints" (the logged signature
+    # stays the one inferred from the input example); without a hint it warns on every load.
+    def predict(
+        self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None
+    ) -> Any:
         from graftline.serve.predict import predict_frame
 
         x = np.asarray(model_input, dtype=np.float32)

@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from flows.pipeline import StageFailed, _transient, pipeline
 from graftline import tracking
 from graftline.registry import Registry
-from tests.conftest import TINY_PARAMS, make_repo, sh, tool_env
+from tests.conftest import TINY_PARAMS, assert_quiet_console, make_repo, sh, tool_env
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -189,6 +189,13 @@ def test_cli_run_starts_and_stops_its_own_prefect_server(repo: Path, tmp_path: P
         text=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # The console: a line per event, then a closing summary that says where to look.
+    assert_quiet_console(proc.stdout + proc.stderr)
+    assert len((proc.stdout + proc.stderr).splitlines()) < 80
+    summary = proc.stdout[proc.stdout.index("graftline run: done") :]
+    for head in ("stages ", "finetuned ", "gate ", "MLflow ", "Prefect ", "DVC "):
+        assert re.search(rf"^  {head}", summary, re.M), summary
+    assert re.search(r"\d\d:\d\d:\d\d finetune +finetuned epoch \d+/\d+: .* eta \d", proc.stderr)
     found = SERVER_LINE.search(proc.stderr)
     assert found, proc.stderr[-3000:]
     assert _refused(int(found.group(1)))  # stopped with the command

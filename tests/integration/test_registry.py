@@ -22,7 +22,7 @@ from graftline.config import parse_params
 from graftline.data.store import save_splits
 from graftline.registry import PromotionConflict, Registry, RegistryError
 from tasks import paths
-from tests.conftest import free_port, mlflow_server
+from tests.conftest import assert_quiet_console, free_port, mlflow_server
 from tests.integration.conftest import blobs, deploy_once, graftline_cli, write_model
 
 
@@ -172,6 +172,7 @@ def test_cli_promote_rollback_history(root: Path, trained: torch.nn.Module) -> N
 
     tie = cli("promote", v2)
     assert tie.returncode == 2 and "refused" in tie.stderr and "no better than" in tie.stderr
+    assert_quiet_console(tie.stdout + tie.stderr)  # scoring loads both models from MLflow
     reg = Registry("cli-blobs")
     assert reg.champion_version() == v1
     forced = cli("promote", v2, "--force", "--reason", "hotfix")
