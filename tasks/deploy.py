@@ -45,7 +45,7 @@ def log_model(checkpoint: Path, example: np.ndarray) -> Any:
     import mlflow
     from mlflow.models import infer_signature
 
-    from graftline.models.checkpoint import load_checkpoint
+    from graftline.models.checkpoint import input_transform, load_checkpoint
     from graftline.serve.predict import predict_frame
 
     model, ckpt = load_checkpoint(checkpoint)
@@ -58,6 +58,9 @@ def log_model(checkpoint: Path, example: np.ndarray) -> Any:
         signature=signature,
         input_example=example,
         pip_requirements=_requirements(),
+        # In the MLmodel file: how an image becomes the input the signature describes (the
+        # checkpoint carries the same; graftline serve and predict apply it).
+        metadata={"graftline_input_transform": input_transform(ckpt)},
     )
 
 

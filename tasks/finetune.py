@@ -97,6 +97,7 @@ def run(
             model_config=model_cfg,
             classes=train.classes,
             input_shape=shape,
+            transform=train.transform,
             extra={
                 "stage": "finetune",
                 "variant": name,

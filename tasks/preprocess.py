@@ -80,11 +80,9 @@ def run(params: Params, out: Path = paths.PROCESSED) -> dict[str, Any]:
     """Load, validate and split the pretraining corpus and the task set."""
     p = params.preprocess
     pre_splits, task_splits, info = prepare(p)
-    transform = (
-        f"uint8 {p.channels}x{p.image_size}x{p.image_size}; images of another size scaled "
-        f"into a {round(p.image_size * 20 / 28)}px box centred by mass (MNIST's own geometry)"
-    )
-    common = {"seed": p.seed, "transform": transform}
+    # Each manifest records its dataset's input transform (graftline.data.transforms), which
+    # the models trained on it carry on to serving.
+    common = {"seed": p.seed}
     m_pre = save_splits(out / "pretrain", pre_splits, {**common, "params": p.pretrain.model_dump()})
     m_task = save_splits(
         out / "task", task_splits, {**common, **info, "params": p.task.model_dump()}

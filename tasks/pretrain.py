@@ -58,6 +58,7 @@ def run(
         model_config=model_cfg,
         classes=train.classes,
         input_shape=(c, h, h),
+        transform=train.transform,
         extra={
             "stage": "pretrain",
             "data_sha256": manifest["splits"]["train"]["sha256"],

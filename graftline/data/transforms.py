@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -10,57 +11,111 @@ import torch.nn.functional as F
 from PIL import Image
 
 
-def fit_digit_box(images: np.ndarray, size: int = 28, box: int = 20) -> np.ndarray:
-    """Scale each image into a ``box``x``box`` square and centre it by mass in ``size``x``size``.
+# How an image of any size becomes the model's input. Recorded with the data (the processed
+# store's manifest), then in the checkpoint and the registered model, so that serving and
+# batch prediction apply exactly what training saw.
+FITS = ("digit_box", "resize")
+INK_THRESHOLD = 0.25  # a pixel is ink above this share of the image's brightest pixel
+
+
+def geometry(fit: str, size: int, channels: int) -> dict[str, Any]:
+    """The input transform: ``digit_box`` (crop to the ink, scale into a box, centre by mass:
+    how MNIST was made) or ``resize`` (the whole image scaled to ``size``)."""
+    if fit not in FITS:
+        raise ValueError(f"unknown fit {fit!r} (one of {FITS})")
+    spec: dict[str, Any] = {"fit": fit, "size": size, "channels": channels}
+    if fit == "digit_box":
+        spec |= {"box": round(size * 20 / 28), "ink_threshold": INK_THRESHOLD}
+    return spec
+
+
+def legacy_geometry(input_shape: tuple[int, ...] | list[int]) -> dict[str, Any]:
+    """What checkpoints written before transforms were recorded got: a plain resize."""
+    return geometry("resize", int(input_shape[1]), int(input_shape[0]))
+
+
+def apply_geometry(images: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+    """uint8 ``(N, C, H, W)`` of any size, white on black, to ``(N, channels, size, size)``."""
+    size, channels = int(spec["size"]), int(spec["channels"])
+    if images.shape[1] != channels:
+        images = (
+            np.repeat(images[:, :1], channels, axis=1)
+            if channels == 3
+            else images.mean(axis=1, keepdims=True).round().astype(np.uint8)
+        )
+    if spec["fit"] == "digit_box":
+        return fit_digit_box(images, size, int(spec["box"]), float(spec["ink_threshold"]))
+    if images.shape[2:] == (size, size):
+        return np.ascontiguousarray(images)
+    return np.stack([_resize(im, size, size) for im in images])
+
+
+def _resize(image: np.ndarray, h: int, w: int) -> np.ndarray:
+    """uint8 ``(C, H, W)`` to ``(C, h, w)``, bilinear, channel by channel."""
+    return np.stack(
+        [
+            np.asarray(Image.fromarray(ch).resize((w, h), Image.Resampling.BILINEAR))
+            for ch in image
+        ]
+    )
+
+
+def fit_digit_box(
+    images: np.ndarray, size: int = 28, box: int = 20, ink_threshold: float = INK_THRESHOLD
+) -> np.ndarray:
+    """Crop each image to its ink, scale it into a ``box``x``box`` square and centre it by mass
+    in ``size``x``size``.
 
     This is how MNIST itself was made (NIST digits normalised into 20x20, then placed in
-    28x28 by centre of mass), so other digit scans such as scikit-learn's 8x8 set land in the
-    geometry a backbone pretrained on MNIST expects.
+    28x28 by centre of mass), so other digit scans such as scikit-learn's 8x8 set, and a digit
+    drawn small in a corner of a canvas, land in the geometry a backbone trained on MNIST
+    expects.
 
     Args:
         images: uint8 ``(N, C, H, W)``, dark background, bright strokes.
         size: output side.
-        box: side of the square the image is scaled into (keeps aspect ratio).
+        box: side of the square the ink is scaled into (keeps aspect ratio).
+        ink_threshold: share of the brightest pixel above which a pixel counts as ink when
+            finding the crop; an image with no ink is scaled whole.
     Returns:
         uint8 ``(N, C, size, size)``.
     """
-    n, c, h, w = images.shape
-    scale = box / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    n, c = images.shape[:2]
     out = np.zeros((n, c, size, size), dtype=np.uint8)
     for i in range(n):
-        chans = [
-            np.asarray(Image.fromarray(images[i, k]).resize((nw, nh), Image.Resampling.BILINEAR))
-            for k in range(c)
-        ]
-        patch = np.stack(chans).astype(np.float64)
-        mass = patch.sum(axis=0)
-        total = mass.sum()
+        image = images[i]
+        mass = image.max(axis=0)
+        ink = mass > ink_threshold * mass.max() if mass.max() > 0 else np.zeros_like(mass, bool)
+        if ink.any():
+            rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+            image = image[:, rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        h, w = image.shape[1:]
+        scale = box / max(h, w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        patch = _resize(np.ascontiguousarray(image), nh, nw).astype(np.float64)
+        total_mass = patch.sum(axis=0)
+        total = total_mass.sum()
         if total > 0:
-            cy = (mass.sum(axis=1) * np.arange(nh)).sum() / total
-            cx = (mass.sum(axis=0) * np.arange(nw)).sum() / total
+            cy = (total_mass.sum(axis=1) * np.arange(nh)).sum() / total
+            cx = (total_mass.sum(axis=0) * np.arange(nw)).sum() / total
         else:
             cy, cx = (nh - 1) / 2, (nw - 1) / 2
-        top = int(round((size - 1) / 2 - cy))
-        left = int(round((size - 1) / 2 - cx))
-        top = min(max(top, 0), size - nh)
-        left = min(max(left, 0), size - nw)
+        top = min(max(int(round((size - 1) / 2 - cy)), 0), size - nh)
+        left = min(max(int(round((size - 1) / 2 - cx)), 0), size - nw)
         out[i, :, top : top + nh, left : left + nw] = patch.round().clip(0, 255).astype(np.uint8)
     return out
 
 
-def to_geometry(img: Image.Image, size: int, channels: int) -> np.ndarray:
-    """Convert one PIL image of any size and mode to uint8 ``(channels, size, size)``."""
-    if img.mode in ("RGBA", "LA", "P"):
-        # Flatten transparency onto black, the background of the digit sets.
+def image_array(img: Image.Image, channels: int) -> np.ndarray:
+    """One PIL image of any mode to uint8 ``(channels, H, W)`` at its own size; transparency
+    is flattened onto black, the background of the digit sets."""
+    if img.mode in ("RGBA", "LA", "P", "PA"):
         img = img.convert("RGBA")
         bg = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(bg, img)
     img = img.convert("L" if channels == 1 else "RGB")
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BILINEAR)
     arr = np.asarray(img, dtype=np.uint8)
-    return arr[None] if channels == 1 else arr.transpose(2, 0, 1).copy()
+    return arr[None].copy() if channels == 1 else arr.transpose(2, 0, 1).copy()
 
 
 def augment_batch(

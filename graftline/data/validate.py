@@ -99,4 +99,4 @@ def restrict_classes(ds: Dataset, classes: list[str], name: str) -> Dataset:
                 f"({len(items)} item(s): {first}{', ...' if len(items) > 3 else ''})"
             )
     problems.raise_if_any()
-    return Dataset(ds.images, new, list(classes), ds.source, ds.ids)
+    return Dataset(ds.images, new, list(classes), ds.source, ds.ids, ds.transform)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from graftline.data.transforms import legacy_geometry
 from graftline.errors import ArtifactError
 from graftline.io import atomic_path
 from graftline.models.classifier import Classifier, build_classifier
@@ -26,14 +27,17 @@ def save_checkpoint(
     model_config: dict[str, Any],
     classes: list[str],
     input_shape: tuple[int, int, int],
+    transform: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write ``model`` atomically with its architecture config, classes and input shape."""
+    """Write ``model`` atomically with its architecture config, classes, input shape and the
+    transform that brought its training images to that shape (``transforms.geometry``)."""
     ckpt = {
         "format": FORMAT,
         "model_config": dict(model_config),
         "classes": list(classes),
         "input_shape": list(input_shape),
+        "transform": dict(transform or legacy_geometry(input_shape)),
         "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
         **(extra or {}),
     }
@@ -69,3 +73,10 @@ def load_checkpoint(path: Path | str) -> tuple[Classifier, dict[str, Any]]:
         raise ArtifactError(f"{path}: weights do not match the stored architecture ({err})") from None
     model.eval()
     return model, ckpt
+
+
+def input_transform(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """How images become this model's input; checkpoints from before it was recorded were
+    trained on resized images."""
+    transform = ckpt.get("transform")
+    return dict(transform) if transform else legacy_geometry(ckpt["input_shape"])

@@ -115,13 +115,14 @@ def _as_pixels(inputs: list[Any], shape: tuple[int, int, int], max_batch: int) -
     return out
 
 
-def decode_image(data: bytes, filename: str, shape: tuple[int, int, int]) -> np.ndarray:
-    """An uploaded image of any size and mode, converted as the pipeline converts images;
-    dark-on-light digits (paper, photos) are inverted to the training data's white on black."""
+def decode_image(data: bytes, filename: str, transform: dict[str, Any]) -> np.ndarray:
+    """An uploaded image of any size and mode, brought to the model's input by the transform
+    its training data got; dark-on-light digits (paper, photos) are inverted to the training
+    data's white on black."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            return prepare_image(img, shape, invert="auto")
+            return prepare_image(img, transform, invert="auto")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise HTTPException(400, f"{filename}: not a decodable image ({err})") from None
 
@@ -264,7 +265,7 @@ def create_app(
                 )
             if not data:
                 raise HTTPException(400, f"{f.filename}: empty file")
-            images.append(decode_image(data, f.filename or "upload", loaded.input_shape))
+            images.append(decode_image(data, f.filename or "upload", loaded.transform))
         return JSONResponse(_answer(loaded, follower.name, np.stack(images)))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -11,23 +11,22 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from graftline.data.sources import IMAGE_SUFFIXES
-from graftline.data.transforms import to_geometry
+from graftline.data.transforms import apply_geometry, image_array, legacy_geometry
 from graftline.errors import DataError
 from graftline.io import write_text
 from graftline.serve.champion import LoadedModel
 
 
-def prepare_image(
-    img: Image.Image, shape: tuple[int, int, int], invert: str = "auto"
-) -> np.ndarray:
-    """Any PIL image to float ``(C, H, W)`` in [0, 255], white digit on black.
+def prepare_image(img: Image.Image, transform: dict[str, Any], invert: str = "auto") -> np.ndarray:
+    """Any PIL image to the model's input: float ``(C, H, W)`` in [0, 255], white digit on
+    black, brought to shape by ``transform``, the one the model's training data got (a digit
+    drawn small in a corner is cropped, scaled and centred as training digits were).
 
     ``invert``: ``auto`` flips images whose border is light (dark ink on paper), ``always``
     or ``never``.
     """
-    arr = to_geometry(img, shape[1], shape[0]).astype(np.float32)
-    if invert == "always":
-        return 255.0 - arr
+    arr = image_array(img, int(transform["channels"]))
+    flip = invert == "always"
     if invert == "auto":
         border = np.concatenate(
             [
@@ -37,16 +36,20 @@ def prepare_image(
                 arr[:, :, -1].ravel(),
             ]
         )
-        if border.mean() > 127:
-            return 255.0 - arr
-    return arr
+        flip = float(border.mean()) > 127
+    if flip:
+        arr = 255 - arr
+    return apply_geometry(arr[None], transform)[0].astype(np.float32)
 
 
 def read_inputs(
-    path: Path, shape: tuple[int, int, int], invert: str = "auto"
+    path: Path, shape: tuple[int, int, int], invert: str = "auto", transform: dict | None = None
 ) -> tuple[list[str], np.ndarray]:
-    """Items and their pixels from a folder of images or a CSV of pixel columns."""
+    """Items and their pixels from a folder of images (brought to the model's input by
+    ``transform``, default a plain resize) or a CSV of pixel columns (taken as they are: rows
+    of the model's input, as the processed data holds them)."""
     c, h, w = shape
+    transform = transform or legacy_geometry(shape)
     if path.is_dir():
         files = sorted(
             p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
@@ -58,7 +61,7 @@ def read_inputs(
             try:
                 with Image.open(f) as img:
                     img.load()
-                    pixels[i] = prepare_image(img, shape, invert)
+                    pixels[i] = prepare_image(img, transform, invert)
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
                 raise DataError(f"{f}: unreadable or truncated image ({err})") from None
         return [str(f.relative_to(path)) for f in files], pixels

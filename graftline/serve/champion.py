@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from graftline.models.checkpoint import load_checkpoint
+from graftline.models.checkpoint import input_transform, load_checkpoint
 from graftline.registry import CHAMPION
 from graftline.serve.predict import predict_frame, predict_proba_pixels
 
@@ -34,6 +34,8 @@ class LoadedModel:
     input_shape: tuple[int, int, int]
     info: dict[str, Any] = field(default_factory=dict)
     checkpoint_file: tuple[str, int] = ("", 0)  # path inside the version's artifacts, size
+    # How an image becomes this model's input: what its training data got.
+    transform: dict[str, Any] = field(default_factory=dict)
 
     def predict(self, pixels: np.ndarray) -> pd.DataFrame:
         return predict_frame(self.model, self.classes, pixels)
@@ -66,6 +68,7 @@ def load_version(client: Any, name: str, version: str) -> LoadedModel:
         "source": mv.source,
         "classes": list(ckpt["classes"]),
         "input_shape": list(ckpt["input_shape"]),
+        "transform": input_transform(ckpt),
         "metrics": metrics,
         "tags": dict(mv.tags),
         "aliases": list(getattr(mv, "aliases", []) or []),
@@ -77,6 +80,7 @@ def load_version(client: Any, name: str, version: str) -> LoadedModel:
         tuple(ckpt["input_shape"]),
         info,
         checkpoint_file,
+        input_transform(ckpt),
     )
 
 

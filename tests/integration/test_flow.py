@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import sqlite3
@@ -10,12 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 from mlflow import MlflowClient
 
 from flows.pipeline import StageFailed, _transient, pipeline
 from graftline import tracking
+from graftline.models.checkpoint import read_checkpoint
 from graftline.registry import Registry
 from tests.conftest import TINY_PARAMS, assert_quiet_console, make_repo, sh, tool_env
 
@@ -82,6 +85,13 @@ def test_flow_runs_dvc_stages_tracks_and_deploys(repo: Path) -> None:
         o["md5"] for o in lock["stages"]["preprocess"]["outs"] if o["path"] == "data/processed/task"
     )
     assert tags["graftline.dvc.task_data"] == task_md5
+    # The model carries its input transform from the task data: checkpoint, then registry.
+    task_manifest = json.loads((repo / "data/processed/task/manifest.json").read_text())
+    assert task_manifest["transform"]["fit"] == "digit_box"
+    ckpt = read_checkpoint(repo / "models/finetuned/model.pt")
+    assert ckpt["transform"] == task_manifest["transform"]
+    info = mlflow.models.get_model_info(f"models:/tiny-digits/{version}")
+    assert info.metadata["graftline_input_transform"] == ckpt["transform"]
     if result["deploy"]["promoted"]:
         assert reg.champion_version() == version
 
@@ -95,7 +105,7 @@ def test_flow_runs_dvc_stages_tracks_and_deploys(repo: Path) -> None:
     messages = prefect_log(parent.data.tags["graftline.prefect_flow_run_id"])
     for stage in ("preprocess", "pretrain", "finetune", "evaluate"):
         assert f"Running stage '{stage}'" in messages
-        assert f"graftline {stage}: logged to MLflow run" in messages
+        assert f"{stage}: logged to MLflow run" in messages
     assert "Updating lock file 'dvc.lock'" in messages
 
 

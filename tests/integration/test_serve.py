@@ -184,3 +184,80 @@ def test_batch_predict_cli(sqlite_root: Path, trained: torch.nn.Module) -> None:
     r = cli("predict", str(folder), "--out", "c.csv")
     assert r.returncode == 2 and "05.png: unreadable or truncated image" in r.stderr
     assert not (sqlite_root / "c.csv").exists()
+
+
+def _stroke(k: int, side: int, length: float, at: tuple[float, float], width: float) -> np.ndarray:
+    """Class ``k`` of the blob digits (a bar at angle pi*k/3) drawn ``length`` px long at
+    ``at`` (row, col) on a black ``side``x``side`` canvas, as a person would on the page."""
+    yy, xx = np.mgrid[0:side, 0:side].astype(float)
+    yy, xx = yy - at[0], xx - at[1]
+    a = np.pi * k / 3
+    d = np.abs(xx * np.sin(a) - yy * np.cos(a))
+    return np.where((d < width / 2) & (np.hypot(xx, yy) < length / 2), 255, 0).astype(np.uint8)
+
+
+def test_digits_drawn_small_and_off_centre_are_read_as_training_saw_them(
+    sqlite_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13: the model carries its input transform (here: crop to the ink, scale into
+    20x20, centre by mass) from its training data to the checkpoint and the registry, and the
+    service and batch prediction apply it; a digit drawn small in a corner reads right."""
+    from graftline.config import TrainConfig
+    from graftline.data.dataset import Dataset
+    from graftline.data.store import save_splits
+    from graftline.data.transforms import apply_geometry, geometry
+    from graftline.models import build_classifier, save_checkpoint
+    from graftline.train import fit
+    from tasks import paths
+    from tests.integration.conftest import MODEL
+
+    monkeypatch.delenv("GRAFTLINE_API_TOKEN", raising=False)
+    box = geometry("digit_box", 28, 1)
+
+    def boxed(n: int, seed: int) -> Dataset:
+        ds = blobs(n, seed)
+        return Dataset(apply_geometry(ds.images, box), ds.labels, ds.classes, ds.source)
+
+    torch.manual_seed(0)
+    model = build_classifier(MODEL, 1, 28, 3)
+    fit(model, boxed(30, 0), boxed(10, 1), TrainConfig(epochs=4, batch_size=16, lr=3e-3), seed=0)
+    save_checkpoint(
+        sqlite_root / paths.FINETUNED / paths.MODEL_FILE,
+        model,
+        model_config=MODEL,
+        classes=["0", "1", "2"],
+        input_shape=(1, 28, 28),
+        transform=box,
+    )
+    save_splits(sqlite_root / paths.TASK_DATA, {"test": boxed(40, 7)}, {})
+    version = deploy_once(sqlite_root)["version"]
+
+    # Three of each class, small (35-60 px of a 280 px canvas), near the edges and corners.
+    spots = [(45, 50), (230, 60), (60, 220), (220, 225), (140, 40), (40, 140)]
+    drawings, truth = [], []
+    for i in range(9):
+        k, length = i % 3, 35 + 25 * (i % 2)
+        drawings.append(_stroke(k, 280, length, spots[i % len(spots)], width=length / 5))
+        truth.append(str(k))
+    with client_for(sqlite_root) as c:
+        assert c.get("/model").json()["transform"] == box
+        files = [("files", (f"d{i}.png", png(d), "image/png")) for i, d in enumerate(drawings)]
+        got = [p["class"] for p in c.post("/predict/image", files=files).json()["predictions"]]
+        # dark ink on white paper, as a photo or a scan would bring it
+        paper = [
+            ("files", (f"p{i}.png", png(255 - d), "image/png")) for i, d in enumerate(drawings)
+        ]
+        on_paper = [p["class"] for p in c.post("/predict/image", files=paper).json()["predictions"]]
+    assert sum(g == t for g, t in zip(got, truth, strict=True)) >= 8, (got, truth)
+    assert on_paper == got
+
+    # Batch prediction applies the same transform: the same answers for the same drawings.
+    (sqlite_root / "params.yaml").write_text(json.dumps({"deploy": {"model_name": "blobs"}}))
+    folder = sqlite_root / "drawn"
+    folder.mkdir()
+    for i, d in enumerate(drawings):
+        Image.fromarray(d).save(folder / f"d{i}.png")
+    r = graftline_cli(sqlite_root, "predict", str(folder), "--out", "drawn.csv")
+    assert r.returncode == 0, r.stderr
+    rows = [x.split(",") for x in (sqlite_root / "drawn.csv").read_text().splitlines()[1:]]
+    assert [row[1] for row in rows] == got and {row[3] for row in rows} == {version}

@@ -8,7 +8,7 @@ from PIL import Image
 
 from graftline.config import CsvSource, FolderSource, IdxSource
 from graftline.data.sources import load_csv, load_folder, load_idx, load_sklearn_digits, read_idx
-from graftline.data.transforms import fit_digit_box
+from graftline.data.transforms import apply_geometry, fit_digit_box, geometry
 from graftline.data.validate import restrict_classes, validate
 from graftline.errors import DataError
 from tests.conftest import blob_digits, write_idx
@@ -16,10 +16,13 @@ from tests.conftest import blob_digits, write_idx
 
 def test_idx_roundtrip_gzip_and_plain(idx_pair: tuple[Path, Path]) -> None:
     images, labels = idx_pair
-    ds, test = load_idx(IdxSource(kind="idx", images=str(images), labels=str(labels)))
+    # fit: resize at the same size leaves every pixel as it was
+    src = IdxSource(kind="idx", images=str(images), labels=str(labels), fit="resize")
+    ds, test = load_idx(src)
     raw, raw_labels = blob_digits(20)
     assert test is None
     assert ds.images.shape == (60, 1, 28, 28)
+    assert ds.transform == {"fit": "resize", "size": 28, "channels": 1}
     np.testing.assert_array_equal(ds.images[:, 0], raw)
     np.testing.assert_array_equal(ds.labels, raw_labels)
     assert ds.classes == ["0", "1", "2"]
@@ -152,6 +155,30 @@ def test_sklearn_digits_brought_to_mnist_geometry() -> None:
     for img in ds.images[::50, 0]:
         rows, cols = np.flatnonzero(img.any(1)), np.flatnonzero(img.any(0))
         assert rows[-1] - rows[0] < 20 and cols[-1] - cols[0] < 20
+
+
+def _bar(angle: float, length: float, side: int, at: tuple[float, float]) -> np.ndarray:
+    """A stroke of ``length`` px at ``angle`` centred ``at`` (row, col), on a black canvas."""
+    yy, xx = np.mgrid[0:side, 0:side].astype(float)
+    yy, xx = yy - at[0], xx - at[1]
+    d = np.abs(xx * np.sin(angle) - yy * np.cos(angle))
+    return np.where((d < length / 10) & (np.hypot(xx, yy) < length / 2), 255, 0).astype(np.uint8)
+
+
+def test_digit_box_puts_a_small_off_centre_drawing_where_training_digits_are() -> None:
+    """The same stroke, drawn large and centred or small in a corner of a big canvas, comes
+    out of the digit-box transform nearly the same; a plain resize loses the small one."""
+    big = _bar(1.0, 20, 28, (13.5, 13.5))[None, None]
+    small = _bar(1.0, 40, 280, (50, 230))[None, None]
+    box, resize = geometry("digit_box", 28, 1), geometry("resize", 28, 1)
+    reference = apply_geometry(big, box)[0, 0].astype(float)
+
+    def similarity(img: np.ndarray) -> float:
+        a, b = reference - reference.mean(), img.astype(float) - img.mean()
+        return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+    assert similarity(apply_geometry(small, box)[0, 0]) > 0.8
+    assert similarity(apply_geometry(small, resize)[0, 0]) < 0.3
 
 
 def test_fit_digit_box_centres_by_mass() -> None:
