@@ -222,7 +222,37 @@ class Registry:
         self.client.set_model_version_tag(
             self.name, version, "graftline.previous_champion", current or ""
         )
-        return self._record(action, version, current, reason)
+        # The new champion is no longer a challenger: one alias, one meaning.
+        if version in self._versions_aliased(CHALLENGER):
+            self.client.delete_registered_model_alias(self.name, CHALLENGER)
+        event = self._record(action, version, current, reason)
+        self._describe(event)
+        return event
+
+    def _versions_aliased(self, alias: str) -> set[str]:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return {str(self.client.get_model_version_by_alias(self.name, alias).version)}
+        except MlflowException:
+            return set()
+
+    def _describe(self, event: dict[str, Any]) -> None:
+        """The registered model's description in the MLflow UI: which version is live, since
+        when and why (each version's own description is its model card)."""
+        verb = {"promote": "promoted", "rollback": "rolled back to"}.get(
+            event["action"], event["action"]
+        )
+        text = (
+            f"**{self.name}**: the `champion` alias marks the version in production, "
+            "`challenger` the newest registered version that was not promoted. Each version's "
+            "description is its model card (data, test figures, gate decision, how to "
+            "reproduce it).\n\n"
+            f"**Champion: v{event['version']}**, {verb} {event['time']} "
+            f"(was {_v(event['previous'])}): {event['reason']}.\n\n"
+            "History of champions: `graftline history`."
+        )
+        self.client.update_registered_model(self.name, description=text)
 
     def rollback(self, reason: str = "manual rollback") -> dict:
         """Put back the champion that the current one replaced."""
@@ -239,7 +269,9 @@ class Registry:
                 "nothing to roll back to"
             )
         self.client.set_registered_model_alias(self.name, CHAMPION, previous)
-        return self._record("rollback", previous, current, reason)
+        event = self._record("rollback", previous, current, reason)
+        self._describe(event)
+        return event
 
 
 def _v(version: str | None) -> str:

@@ -88,6 +88,104 @@ def report_markdown(
     return "\n".join(lines) + "\n"
 
 
+def _source_text(manifest: dict[str, Any]) -> str:
+    fit = (manifest.get("transform") or {}).get("fit", "resize")
+    return f"`{manifest.get('source', '?')}` (fit: {fit})"
+
+
+def model_card(
+    root: Path,
+    params: Params,
+    version: str,
+    decision: GateDecision,
+    promoted: bool,
+    lineage: dict[str, str],
+    metrics: dict[str, Any],
+) -> str:
+    """The registered version's description in the MLflow UI: what the model is, the data
+    it learnt from, its test figures against the baselines and the champion, the gate's
+    decision, and how to rebuild it."""
+    from graftline.data.store import read_manifest
+    from graftline.models.checkpoint import input_transform, load_checkpoint
+
+    model, ckpt = load_checkpoint(root / paths.FINETUNED / paths.MODEL_FILE)
+    n_params = sum(p.numel() for p in model.parameters())
+    arch = ", ".join(f"{k}={v}" for k, v in ckpt["model_config"].items())
+    tf = input_transform(ckpt)
+    shape = "x".join(str(d) for d in ckpt["input_shape"])
+    ft = params.finetune
+    lines = [
+        f"## {params.deploy.model_name} v{version}",
+        "",
+        "**Model.** "
+        f"Backbone `{ckpt['model_config'].get('arch', '?')}` ({arch}), {n_params:,} parameters, "
+        f"{len(ckpt['classes'])} classes ({', '.join(ckpt['classes'])}). Pretrained with labels "
+        f"(supervised) for {params.pretrain.train.epochs} epochs, then a new head grafted on and "
+        f"fine-tuned with strategy `{ft.strategy}` for {ft.train.epochs} epochs.",
+        f"Input: {shape} images; transform `{tf['fit']}` "
+        + (
+            "(crop to the ink, scale into a box, centre by mass)"
+            if tf["fit"] == "digit_box"
+            else ""
+        )
+        + "; serving applies the same.",
+        "",
+        "**Data.**",
+        "",
+        "| set | source | splits | content hash (DVC) |",
+        "|---|---|---|---|",
+    ]
+    for name, folder, key in (
+        ("pretraining corpus", paths.PRETRAIN_DATA, "graftline.dvc.pretrain_data"),
+        ("task set", paths.TASK_DATA, "graftline.dvc.task_data"),
+    ):
+        try:
+            m = read_manifest(root / folder)
+        except ArtifactError:
+            continue
+        splits = ", ".join(f"{s} {v['count']}" for s, v in m["splits"].items())
+        src = _source_text(m)
+        lines.append(f"| {name} | {src} | {splits} | `{lineage.get(key, '?')}` |")
+    lines += [
+        "",
+        f"Label budget: {params.preprocess.task.labels_per_class} labelled examples per class.",
+        "",
+        "**Test figures** (the task's test split; the champion re-scored on the same items).",
+        "",
+        "| model | accuracy | macro-F1 | ECE |",
+        "|---|---|---|---|",
+    ]
+    for m in ("finetuned", "scratch", "svc"):
+        if m in metrics:
+            r = metrics[m]
+            label = f"{m} (this version)" if m == "finetuned" else m
+            lines.append(
+                f"| {label} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['ece']:.4f} |"
+            )
+    if decision.champion_accuracy is not None:
+        lines.append(
+            f"| champion v{decision.champion_version} | {decision.champion_accuracy:.4f} | | |"
+        )
+    verdict = "promoted to champion" if promoted else "not promoted"
+    lines += [
+        "",
+        f"**Gate.** {verdict}: {decision.reason} ({decision.n} test items"
+        + (f", McNemar p={decision.p_value:.3g}" if decision.p_value is not None else "")
+        + ").",
+        "",
+        "**Reproduce.** "
+        f"`graftline reproduce {version}` rebuilds it from git commit "
+        f"`{lineage.get('graftline.git_commit', '?')}` and the data above (DVC), and compares "
+        "the weights."
+        + (
+            f" Prefect flow run `{lineage['graftline.prefect_flow_run_id']}`."
+            if lineage.get("graftline.prefect_flow_run_id")
+            else ""
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def already_registered(
     params: Params, root: Path = Path("."), finetuned_md5: str | None = None
 ) -> str | None:
@@ -203,6 +301,8 @@ def run(
     metrics_path = root / paths.METRICS
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     markdown = report_markdown(metrics, decision, p.model_name, version, promoted)
+    card = model_card(root, params, version, decision, promoted, lineage, metrics)
+    registry.client.update_model_version(p.model_name, version, description=card)
     log.info(
         "deploy: %s v%s %s: %s",
         p.model_name,

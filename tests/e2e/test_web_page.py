@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -19,47 +18,9 @@ from PIL import Image
 
 from graftline.registry import Registry
 from tests.conftest import ROOT, free_port
-from tests.integration.conftest import (  # noqa: F401 - fixtures shared with integration
-    blobs,
-    deploy_once,
-    sqlite_root,
-    trained,
-    write_model,
-)
+from tests.integration.conftest import blobs, deploy_once, write_model
 
 pytestmark = pytest.mark.e2e
-
-CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-
-
-@pytest.fixture
-def browser():
-    if not (CHROMIUM and DRIVER):
-        pytest.fail(
-            "chromium and chromedriver are required (apt-get install chromium chromium-driver)"
-        )
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--window-size=1000,800",
-    ):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def test_draw_upload_and_follow_promotion(
