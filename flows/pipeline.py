@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from tasks.deploy import Packaged
 
 STAGES = ("preprocess", "pretrain", "finetune", "evaluate")
-PIPELINE_LOCK = Path(".graftline/pipeline.lock")
+PIPELINE_LOCK = processes.PIPELINE_LOCK
 
 
 class StageFailed(GraftlineError):

@@ -240,6 +240,47 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from graftline import status
+
+    params = load_params(args.params)
+    state = status.collect(Path("."), params.deploy.model_name, args.serve_url)
+    state["prefect"] = _prefect_status()
+    print(status.to_json(state) if args.json else status.render(state))
+    return 0
+
+
+def _prefect_status() -> dict[str, Any] | str:
+    """The pipeline's runs from the configured Prefect server, or from this checkout's own
+    Prefect database through a temporary server (what `graftline run` records into)."""
+    from flows.server import connect, start_unless_configured
+
+    server = start_unless_configured()
+    try:
+        if server is not None:
+            connect(server)
+        from flows.runs import pipeline_runs
+
+        runs = pipeline_runs()
+        if server is not None:  # its links die with it
+            for run in (runs["last_run"], runs["next_run"]):
+                if run:
+                    run["url"] = None
+        api = os.environ.get("PREFECT_API_URL", "")
+        runs["api"] = (
+            f"none configured; read {os.environ.get('PREFECT_HOME', '~/.prefect')} "
+            "through a temporary server"
+            if server is not None
+            else api or "from the Prefect profile"
+        )
+        return runs
+    except Exception as err:  # status reports what it cannot reach, it does not fail on it
+        return f"unavailable ({type(err).__name__}: {str(err)[:200]})"
+    finally:
+        if server is not None:
+            server.stop()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from graftline import tracking
     from graftline.serve.app import serve
@@ -318,6 +359,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("history", help="champions over time, with reasons")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser(
+        "status",
+        help="one screen: what is stale, the champion, the last and next flow run, the servers",
+        description="What DVC finds stale, which version is champion (accuracy, since when), "
+        "whether a pipeline is running, the last flow run and its state, the next scheduled "
+        "run, and where MLflow and the model service are.",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--serve-url",
+        default="http://127.0.0.1:8000",
+        help="the model service to check (default: graftline serve's http://127.0.0.1:8000)",
+    )
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(
         "serve", help="HTTP service and web page for the champion (follows the alias)"

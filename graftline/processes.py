@@ -57,6 +57,10 @@ def stop_descendants(grace: float = 10.0, exclude: set[int] | None = None) -> li
     return [p.pid for p in procs]
 
 
+# One pipeline per checkout (flows.pipeline holds it; `graftline status` reads it).
+PIPELINE_LOCK = Path(".graftline/pipeline.lock")
+
+
 class Busy(GraftlineError):
     """Another process holds the lock this one needs."""
 
@@ -85,3 +89,16 @@ def exclusive(path: Path, what: str) -> Iterator[None]:
         f.write(f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         f.flush()
         yield
+
+
+def holder(path: Path) -> str | None:
+    """Who holds the :func:`exclusive` lock on ``path`` now ("pid N, since ..."), or None."""
+    if not path.exists():
+        return None
+    with path.open("r", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "another process"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None

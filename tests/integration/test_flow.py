@@ -217,6 +217,34 @@ def test_cli_run_starts_and_stops_its_own_prefect_server(repo: Path, tmp_path: P
     assert states == [("COMPLETED",)]
     assert "up to date" in sh(["dvc", "status"], repo).stdout
 
+    # `graftline status` reads the same Prefect database, the registry and DVC.
+    def status(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "graftline.cli", "status", *args],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+
+    state = status("--json")
+    assert state.returncode == 0, state.stderr
+    got = json.loads(state.stdout)
+    assert got["dvc_stale"] == {} and got["pipeline_running"] is None
+    assert got["prefect"]["last_run"]["state"] == "Completed"
+    tracking.configure(repo)
+    champion = Registry("tiny-digits").champion_version()
+    assert (got["champion"] or {}).get("version") == champion
+    params = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(params.replace("labels_per_class: 5", "labels_per_class: 4"))
+    try:
+        screen = status()
+    finally:
+        (repo / "params.yaml").write_text(params)
+    assert screen.returncode == 0, screen.stderr
+    assert re.search(r"^data and models +stale: preprocess\b", screen.stdout, re.M), screen.stdout
+    assert re.search(r"^last flow run +\S+ Completed at ", screen.stdout, re.M), screen.stdout
+
 
 def test_cli_run_rejects_bad_params_before_starting_anything(tmp_path: Path) -> None:
     repo = make_repo(tmp_path / "r", TINY_PARAMS)
