@@ -37,7 +37,8 @@ mlflow-ui: $(STAMP)  ## the MLflow UI on http://127.0.0.1:5000 (runs, registry, 
 test: $(STAMP)  ## lint, format check and the test suite
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest
+	# Two workers, a test file each: most of the suite waits on servers and subprocesses.
+	$(BIN)/pytest -n 2 --dist loadfile
 
 lint: $(STAMP)  ## ruff lint
 	$(BIN)/ruff check .

@@ -194,6 +194,27 @@ def mlflow_server(folder: Path, port: int | None = None) -> Iterator[tuple[str, 
         proc.wait(timeout=30)
 
 
+# MLflow's set_tracking_uri also writes MLFLOW_TRACKING_URI into the environment, where it
+# would outlive the test that configured it and send the next test's subprocesses to its store.
+TRACKING_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_RUN_ID",
+    "MLFLOW_EXPERIMENT_NAME",
+    "GRAFTLINE_EXPERIMENT",
+)
+
+
+@pytest.fixture(autouse=True)
+def _tracking_env_stays_with_its_test() -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in TRACKING_ENV}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
