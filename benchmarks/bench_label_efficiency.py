@@ -16,11 +16,11 @@ prints the table with the fine-tuned/scratch accuracy ratio at each budget.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from graftline.config import load_params  # noqa: E402
 from graftline.data.splits import label_budget  # noqa: E402
-from graftline.evaluate import svc_baseline, svc_proba  # noqa: E402
+from graftline.evaluate import plot_label_efficiency, svc_baseline, svc_proba  # noqa: E402
 from graftline.models import build_classifier  # noqa: E402
 from graftline.models.checkpoint import load_checkpoint  # noqa: E402
 from graftline.train import fit, predict_proba  # noqa: E402
@@ -42,19 +42,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budgets", nargs="+", default=["1", "5", "10", "20", "all"])
     ap.add_argument("--epochs", type=int, help="fine-tuning epochs (default: params.yaml's)")
-    ap.add_argument("--out", type=Path, default=ROOT / "reports" / "label_efficiency.csv")
+    ap.add_argument(
+        "--root", type=Path, default=ROOT, help="the checkout whose params, data and backbone"
+    )
+    ap.add_argument("--out", type=Path, help="default: ROOT/reports/label_efficiency.csv")
     args = ap.parse_args()
+    root = args.root.resolve()
+    out = (args.out or root / "reports" / "label_efficiency.csv").resolve()
+    os.chdir(root)  # sources name their files relative to the checkout
 
-    params = load_params(ROOT / "params.yaml")
+    params = load_params(root / "params.yaml")
     pre = params.preprocess.model_copy(
         update={"task": params.preprocess.task.model_copy(update={"labels_per_class": "all"})}
     )
     _, splits, _ = prepare(pre)
     full, val, test = splits["train"], splits["val"], splits["test"]
-    checkpoint = ROOT / paths.PRETRAINED / paths.MODEL_FILE
+    checkpoint = root / paths.PRETRAINED / paths.MODEL_FILE
     if not checkpoint.exists():
         sys.exit(f"{checkpoint}: no pretrained backbone; run `dvc repro pretrain` first")
-    base, ckpt = load_checkpoint(checkpoint)
+    _, ckpt = load_checkpoint(checkpoint)
     p = params.finetune
     cfg = p.train if args.epochs is None else p.train.model_copy(update={"epochs": args.epochs})
     shape = tuple(full.images.shape[1:])
@@ -72,7 +78,9 @@ def main() -> None:
                 model = graft(fresh, len(full.classes))
                 groups = strategy_groups(model, p)
             else:
-                model = build_classifier(ckpt["model_config"], shape[0], shape[1], len(full.classes))
+                model = build_classifier(
+                    ckpt["model_config"], shape[0], shape[1], len(full.classes)
+                )
                 groups = None
             fit(model, train, val, cfg, seed=p.seed, groups=groups, desc=f"{name}@{budget}")
             accs[name] = float((predict_proba(model, test.images).argmax(1) == test.labels).mean())
@@ -97,18 +105,11 @@ def main() -> None:
             flush=True,
         )
     table = pd.DataFrame(rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out, index=False)
-    plot(table, args.out.with_suffix(".png"), len(test))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')} (test split: {len(test)} items)")
-
-
-def plot(table: pd.DataFrame, path: Path, n_test: int) -> None:
-    from graftline.evaluate import plot_label_efficiency
-
-    plot_label_efficiency(table, path, n_test)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False)
+    plot_label_efficiency(table, out.with_suffix(".png"), len(test))
+    print(f"wrote {out} and {out.with_suffix('.png')} (test split: {len(test)} items)")
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=4)
     main()

@@ -174,3 +174,61 @@ def plot_reliability(
     ax.set(xlabel="confidence", ylabel="accuracy", title="calibration")
     ax.legend(fontsize=8)
     _save_fig(fig, path)
+
+
+def per_class_accuracy(labels: np.ndarray, correct: np.ndarray, num_classes: int) -> np.ndarray:
+    """Accuracy within each true class (NaN for a class with no test item)."""
+    totals = np.bincount(labels, minlength=num_classes)
+    hits = np.bincount(labels, weights=correct.astype(float), minlength=num_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, hits / np.maximum(totals, 1), np.nan)
+
+
+def plot_per_class(classes: list[str], accuracies: dict[str, np.ndarray], path: Path) -> None:
+    """Per-class test accuracy, one bar per model and class (the challenger beside the
+    champion): where a new model gains and where it loses."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(classes) * len(accuracies)), 3.6))
+    width = 0.8 / len(accuracies)
+    x = np.arange(len(classes))
+    for i, (name, acc) in enumerate(accuracies.items()):
+        ax.bar(x + (i - (len(accuracies) - 1) / 2) * width, acc, width, label=name)
+    ax.set_xticks(x, classes)
+    low = np.nanmin([np.nanmin(a) for a in accuracies.values()])
+    ax.set(xlabel="class", ylabel="test accuracy", ylim=(max(0.0, low - 0.1), 1.0))
+    ax.set_title("per-class accuracy")
+    ax.legend(fontsize=8, loc="lower right")
+    _save_fig(fig, path)
+
+
+def plot_label_efficiency(table: pd.DataFrame, path: Path, n_test: int | None = None) -> None:
+    """Test accuracy against labels per class (``benchmarks/bench_label_efficiency.py``):
+    fine-tuned vs scratch vs SVC. The gap at few labels is what pretraining buys."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    x = np.arange(len(table))
+    for name, style in (("finetuned", "o-"), ("scratch", "s--"), ("svc", "^:")):
+        col = f"{name}_accuracy"
+        if col in table:
+            ax.plot(x, table[col], style, label=name)
+    ax.set_xticks(
+        x,
+        [
+            f"{b}\n({n})"
+            for b, n in zip(table["labels_per_class"], table["train_labels"], strict=True)
+        ],
+    )
+    ax.set(xlabel="labels per class (labelled examples)", ylabel="test accuracy", ylim=(0, 1))
+    title = "label efficiency"
+    ax.set_title(f"{title} ({n_test} test items)" if n_test else title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    _save_fig(fig, path)

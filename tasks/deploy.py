@@ -88,6 +88,98 @@ def report_markdown(
     return "\n".join(lines) + "\n"
 
 
+def log_report(
+    root: Path,
+    name: str,
+    version: str,
+    decision: GateDecision,
+    promoted: bool,
+    metrics: dict[str, Any],
+    packaged: Packaged,
+) -> str:
+    """Log the evaluation report to the active MLflow run (``report/report.html``, figures
+    embedded: confusion matrices, learning curves of pretraining and fine-tuning, calibration,
+    per-class accuracy against the champion, label efficiency); returns the markdown tables
+    it adds to the Prefect artifact."""
+    import tempfile
+
+    import mlflow
+    import pandas as pd
+
+    from graftline.evaluate import per_class_accuracy, plot_per_class
+    from graftline.report import html_report, table
+
+    n = len(packaged.classes)
+    per_class = {f"v{version}": per_class_accuracy(packaged.labels, packaged.challenger_correct, n)}
+    if packaged.champion_correct is not None:
+        per_class[f"champion v{packaged.champion_version}"] = per_class_accuracy(
+            packaged.labels, packaged.champion_correct, n
+        )
+    rows = [[c, *(float(a[i]) for a in per_class.values())] for i, c in enumerate(packaged.classes)]
+    model_rows = [
+        [m, metrics[m]["accuracy"], metrics[m]["macro_f1"], metrics[m]["ece"]]
+        for m in ("finetuned", "scratch", "svc")
+        if m in metrics
+    ]
+    if decision.champion_accuracy is not None:
+        model_rows.append(
+            [f"champion v{decision.champion_version}", decision.champion_accuracy, "", ""]
+        )
+    efficiency_csv = root / paths.REPORTS / "label_efficiency.csv"
+    efficiency = pd.read_csv(efficiency_csv) if efficiency_csv.exists() else None
+    tables = {
+        "Test figures": table(["model", "accuracy", "macro-F1", "ECE"], model_rows),
+        "Per-class accuracy": table(["class", *per_class], rows),
+    }
+    if efficiency is not None:
+        tables["Label efficiency (benchmarks/bench_label_efficiency.py)"] = table(
+            list(efficiency.columns), efficiency.values.tolist()
+        )
+    verdict = (
+        f"{'Promoted to champion' if promoted else 'Not promoted'}: {decision.reason} "
+        f"({decision.n} test items)."
+    )
+    evaluate_dir = root / paths.EVALUATE_REPORT
+    with tempfile.TemporaryDirectory(prefix="graftline-report-") as tmp:
+        per_class_png = Path(tmp) / "per_class.png"
+        plot_per_class(packaged.classes, per_class, per_class_png)
+
+        def fig(path: Path, missing: str) -> Path | str:
+            return path if path.exists() else missing
+
+        figures = {
+            "Confusion matrices (test split)": fig(
+                evaluate_dir / "confusion.png", "not found (run evaluate)"
+            ),
+            "Learning curves: pretraining and fine-tuning": fig(
+                evaluate_dir / "learning_curves.png", "not found (run evaluate)"
+            ),
+            "Per-class accuracy against the champion": per_class_png,
+            "Calibration": fig(evaluate_dir / "calibration.png", "not found (run evaluate)"),
+            "Label efficiency: test accuracy by labels per class": fig(
+                efficiency_csv.with_suffix(".png"),
+                "not measured yet: `python benchmarks/bench_label_efficiency.py` draws it",
+            ),
+        }
+        page = html_report(f"graftline: {name} v{version}", verdict, tables, figures)
+        mlflow.log_text(page, "report/report.html")
+        mlflow.log_artifact(str(per_class_png), "report")
+    lines = ["", "## Per-class accuracy", "", "| class | " + " | ".join(per_class) + " |"]
+    lines.append("|---" * (1 + len(per_class)) + "|")
+    lines += ["| " + " | ".join([r[0], *(f"{v:.4f}" for v in r[1:])]) + " |" for r in rows]
+    if efficiency is not None:
+        lines += ["", "## Label efficiency (test accuracy)", ""]
+        lines.append("| labels per class | finetuned | scratch | svc |")
+        lines.append("|---|---|---|---|")
+        lines += [
+            f"| {r.labels_per_class} ({r.train_labels}) | {r.finetuned_accuracy:.4f} | "
+            f"{r.scratch_accuracy:.4f} | {r.svc_accuracy:.4f} |"
+            for r in efficiency.itertuples()
+        ]
+    lines += ["", f"Figures: MLflow run {packaged.run_id}, artifact `report/report.html`."]
+    return "\n".join(lines) + "\n"
+
+
 def _source_text(manifest: dict[str, Any]) -> str:
     fit = (manifest.get("transform") or {}).get("fit", "resize")
     return f"`{manifest.get('source', '?')}` (fit: {fit})"
@@ -215,6 +307,8 @@ class Packaged:
     challenger_correct: np.ndarray
     champion_version: str | None
     champion_correct: np.ndarray | None
+    labels: np.ndarray  # the test items' true class indices, for per-class figures
+    classes: list[str]
 
 
 def package(params: Params, root: Path = Path(".")) -> Packaged:
@@ -251,7 +345,15 @@ def package(params: Params, root: Path = Path(".")) -> Packaged:
                 f"champion v{champ_version} cannot be scored on the current test split ({err}); "
                 "promote by hand with `graftline promote VERSION --force`"
             ) from None
-    return Packaged(run_id, info.model_uri, challenger_correct, champ_version, champion_correct)
+    return Packaged(
+        run_id,
+        info.model_uri,
+        challenger_correct,
+        champ_version,
+        champion_correct,
+        test.labels,
+        list(test.classes),
+    )
 
 
 def run(
@@ -303,6 +405,7 @@ def run(
     markdown = report_markdown(metrics, decision, p.model_name, version, promoted)
     card = model_card(root, params, version, decision, promoted, lineage, metrics)
     registry.client.update_model_version(p.model_name, version, description=card)
+    markdown += log_report(root, p.model_name, version, decision, promoted, metrics, packaged)
     log.info(
         "deploy: %s v%s %s: %s",
         p.model_name,

@@ -3,14 +3,16 @@ selective re-run, `dvc exp run -S`, and a push to a local remote."""
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import TINY_PARAMS, make_repo, sh
+from tests.conftest import ROOT, TINY_PARAMS, make_repo, sh
 
 pytestmark = pytest.mark.e2e
 
@@ -78,6 +80,30 @@ def test_repro_from_nothing_then_noop(repo: Path) -> None:
     assert "finetuned" in shown.stdout
     plots = sh(["dvc", "plots", "show", "-o", str(repo / ".plots")], repo)
     assert (repo / ".plots" / "index.html").exists(), plots.stdout
+
+
+def test_label_efficiency_benchmark_draws_its_curve(repo: Path) -> None:
+    """The benchmark behind the report's label-efficiency figure, on this checkout's tiny
+    params and backbone: one row per budget, the test split the same for every row."""
+    out = repo / "reports" / "label_efficiency.csv"
+    bench = ROOT / "benchmarks" / "bench_label_efficiency.py"
+    args = ["--root", str(repo), "--budgets", "1", "all", "--epochs", "2"]
+    proc = subprocess.run(
+        [sys.executable, str(bench), *args], capture_output=True, text=True, cwd=repo
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    try:
+        rows = list(csv.DictReader(out.open()))
+        assert [r["labels_per_class"] for r in rows] == ["1", "all"]
+        assert int(rows[0]["train_labels"]) == 10 < int(rows[1]["train_labels"])
+        for r in rows:
+            for m in ("finetuned", "scratch", "svc"):
+                assert 0.0 <= float(r[f"{m}_accuracy"]) <= 1.0
+        assert out.with_suffix(".png").stat().st_size > 10_000
+        assert "finetuned/scratch" in proc.stdout
+    finally:
+        out.unlink(missing_ok=True)
+        out.with_suffix(".png").unlink(missing_ok=True)
 
 
 def test_finetune_param_reruns_only_finetune_and_evaluate(repo: Path) -> None:

@@ -100,6 +100,17 @@ def test_flow_runs_dvc_stages_tracks_and_deploys(repo: Path) -> None:
 
     artifact = Artifact.get("evaluation-report")
     assert artifact is not None and "| finetuned |" in str(artifact.data)
+    assert "## Per-class accuracy" in str(artifact.data)
+
+    # The HTML report beside the model: tables and the figures, embedded.
+    deploy_run = next(r for r in children if r.data.tags["graftline.stage"] == "deploy")
+    page = Path(client.download_artifacts(deploy_run.info.run_id, "report/report.html"))
+    html = page.read_text()
+    for caption in ("Confusion matrices", "Learning curves", "Per-class accuracy against"):
+        assert re.search(
+            rf'<img alt="{caption}[^"]*" src="data:image/png;base64,[A-Za-z0-9+/]{{200}}', html
+        ), caption
+    assert "bench_label_efficiency.py" in html  # not measured in this checkout: says how
 
     # Each stage's own output, and DVC's messages about it, reached the Prefect log.
     messages = prefect_log(parent.data.tags["graftline.prefect_flow_run_id"])
