@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -122,8 +130,8 @@ class PreprocessParams(_Strict):
 
 
 # --------------------------------------------------------------------------- models, training
-class ModelConfig(_Strict):
-    """Architecture, by name; the checkpoint stores this so it can be rebuilt."""
+class CnnConfig(_Strict):
+    """The seed document's CNN; the checkpoint stores this so it can be rebuilt."""
 
     arch: Literal["cnn"] = "cnn"
     channels: list[Annotated[int, Field(gt=0)]] = Field(
@@ -135,6 +143,38 @@ class ModelConfig(_Strict):
     padding: Literal["valid", "same"] = Field(
         default="valid", description="3x3 convs: 'valid' (the seed CNN) or 'same' (keeps borders)"
     )
+
+
+class VitConfig(_Strict):
+    """A Vision Transformer (graftline.models.vit): patches, pre-norm blocks, fused attention."""
+
+    arch: Literal["vit"]
+    patch_size: int = Field(default=4, ge=1, description="side of a square patch, in pixels")
+    dim: int = Field(default=64, ge=8, description="token width")
+    depth: int = Field(default=4, ge=1, description="Transformer blocks")
+    heads: int = Field(default=4, ge=1, description="attention heads (divide dim)")
+    mlp_ratio: float = Field(default=2.0, gt=0, description="MLP width / dim")
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    pool: Literal["cls", "mean"] = Field(
+        default="cls", description="the feature: the class token, or the mean of patch tokens"
+    )
+
+    @model_validator(mode="after")
+    def _heads(self) -> VitConfig:
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} must be divisible by heads {self.heads}")
+        return self
+
+
+def _arch(value: Any) -> str:
+    return value.get("arch", "cnn") if isinstance(value, dict) else getattr(value, "arch", "cnn")
+
+
+# The architecture, by name (`arch`, default cnn); each has its own keys, checked at load.
+ModelConfig = Annotated[
+    Annotated[CnnConfig, Tag("cnn")] | Annotated[VitConfig, Tag("vit")],
+    Discriminator(_arch),
+]
 
 
 class Augment(_Strict):
@@ -168,7 +208,7 @@ class TrainConfig(_Strict):
 
 class PretrainParams(_Strict):
     seed: int = 0
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig = CnnConfig()
     train: TrainConfig = TrainConfig()
 
 
@@ -181,10 +221,23 @@ class FinetuneParams(_Strict):
     backbone_lr_scale: float = Field(
         default=0.1, gt=0, le=1, description="backbone LR relative to the head's (full, gradual)"
     )
+    layer_decay: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="ViT, with full or gradual: each layer's LR scaled by layer_decay^(layers "
+        "above it), the embedding least, the last block most (MAE's fine-tuning recipe)",
+    )
     train: TrainConfig = TrainConfig()
     scratch: TrainConfig | None = Field(
         default=None, description="training of the scratch baseline; defaults to `train`"
     )
+
+    @model_validator(mode="after")
+    def _decay(self) -> FinetuneParams:
+        if self.layer_decay is not None and self.strategy == "linear_probe":
+            raise ValueError("layer_decay applies to strategy full or gradual, not linear_probe")
+        return self
 
 
 class SvcParams(_Strict):

@@ -32,12 +32,30 @@ def graft(pretrained: Classifier, num_classes: int) -> Classifier:
 
 
 def strategy_groups(model: Classifier, p: FinetuneParams) -> list[ParamGroup]:
-    """Parameter groups for ``full``, ``linear_probe`` or ``gradual`` fine-tuning."""
+    """Parameter groups for ``full``, ``linear_probe`` or ``gradual`` fine-tuning, with
+    layer-wise LR decay over a layered backbone (the ViT) when ``layer_decay`` is set."""
     head = ParamGroup("head", model.head)
     if p.strategy == "linear_probe":
         return [ParamGroup("backbone", model.backbone, frozen_epochs=math.inf), head]
     frozen = p.head_epochs if p.strategy == "gradual" else 0
-    return [ParamGroup("backbone", model.backbone, p.backbone_lr_scale, frozen), head]
+    if p.layer_decay is None:
+        return [ParamGroup("backbone", model.backbone, p.backbone_lr_scale, frozen), head]
+    layers = getattr(model.backbone, "layers", None)
+    if layers is None:
+        raise ArtifactError(
+            "finetune.layer_decay needs a backbone made of layers (arch vit); the pretrained "
+            f"backbone is {type(model.backbone).__name__}"
+        )
+    stack = layers()
+    return [
+        ParamGroup(
+            f"backbone.layer{i}",
+            module,
+            p.backbone_lr_scale * p.layer_decay ** (len(stack) - 1 - i),
+            frozen,
+        )
+        for i, module in enumerate(stack)
+    ] + [head]
 
 
 def run(

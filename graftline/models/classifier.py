@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from graftline.models.cnn import CNNBackbone
+from graftline.models.vit import ViTBackbone
 
-# name -> factory(model_config, in_channels, image_size). A new architecture (a small
-# Transformer, say) registers here and every stage can use it through params.
+# name -> factory(model_config, in_channels, image_size). Every stage, the checkpoint, the
+# MLflow model and serving build a backbone through here; nothing else names an architecture.
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "cnn": lambda cfg, in_channels, image_size: CNNBackbone(
         in_channels=in_channels,
@@ -21,6 +22,17 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
         dropout=cfg["dropout"],
         batch_norm=cfg.get("batch_norm", False),
         padding=cfg.get("padding", "valid"),
+    ),
+    "vit": lambda cfg, in_channels, image_size: ViTBackbone(
+        in_channels=in_channels,
+        image_size=image_size,
+        patch_size=cfg["patch_size"],
+        dim=cfg["dim"],
+        depth=cfg["depth"],
+        heads=cfg["heads"],
+        mlp_ratio=cfg["mlp_ratio"],
+        dropout=cfg["dropout"],
+        pool=cfg["pool"],
     ),
 }
 

@@ -261,3 +261,39 @@ def test_digits_drawn_small_and_off_centre_are_read_as_training_saw_them(
     assert r.returncode == 0, r.stderr
     rows = [x.split(",") for x in (sqlite_root / "drawn.csv").read_text().splitlines()[1:]]
     assert [row[1] for row in rows] == got and {row[3] for row in rows} == {version}
+
+
+def test_a_vision_transformer_goes_through_registry_and_service_like_the_cnn(
+    sqlite_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 10, part 1: `arch: vit` needs no special case in the checkpoint, the MLflow
+    model (scored through pyfunc by the gate), the card or the service."""
+    from graftline.config import TrainConfig
+    from graftline.models import build_classifier, save_checkpoint
+    from graftline.train import fit
+    from tasks import paths
+
+    monkeypatch.delenv("GRAFTLINE_API_TOKEN", raising=False)
+    vit = {"arch": "vit", "patch_size": 7, "dim": 32, "depth": 2, "heads": 4, "mlp_ratio": 2.0}
+    vit |= {"dropout": 0.0, "pool": "mean"}
+    torch.manual_seed(0)
+    model = build_classifier(vit, 1, 28, 3)
+    fit(model, blobs(30, 0), blobs(10, 1), TrainConfig(epochs=8, batch_size=16, lr=3e-3), seed=0)
+    save_checkpoint(
+        sqlite_root / paths.FINETUNED / paths.MODEL_FILE,
+        model,
+        model_config=vit,
+        classes=["0", "1", "2"],
+        input_shape=(1, 28, 28),
+    )
+    deployed = deploy_once(sqlite_root)
+    assert deployed["promoted"], deployed["decision"].reason  # the gate scored it via MLflow
+    card = Registry("blobs").version(deployed["version"]).description
+    assert "Backbone `vit`" in card
+    test = blobs(10, 21)
+    with client_for(sqlite_root) as c:
+        assert c.get("/model").json()["version"] == deployed["version"]
+        got = c.post("/predict", json={"inputs": [im.ravel().tolist() for im in test.images]})
+        preds = [p["class"] for p in got.json()["predictions"]]
+    truth = [test.classes[i] for i in test.labels]
+    assert sum(p == t for p, t in zip(preds, truth, strict=True)) >= 0.8 * len(truth)

@@ -40,3 +40,43 @@ def test_padding_sets_the_feature_map(padding: str, features: int) -> None:
     )
     assert net.backbone.dense[2].in_features == features
     assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 3)
+
+
+VIT = {
+    "arch": "vit",
+    "patch_size": 7,
+    "dim": 16,
+    "depth": 2,
+    "heads": 2,
+    "mlp_ratio": 2.0,
+    "dropout": 0.0,
+    "pool": "cls",
+}
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_vit_classifies_patches_of_any_channel_count(pool: str) -> None:
+    net = build_classifier({**VIT, "pool": pool}, 3, 28, 5)
+    assert net.backbone.num_patches == 16 and net.backbone.out_features == 16
+    out = net(torch.rand(4, 3, 28, 28))
+    assert out.shape == (4, 5) and torch.isfinite(out).all()
+    (grad,) = torch.autograd.grad(out.sum(), net.backbone.embed.pos)
+    assert grad.abs().sum() > 0  # position embeddings are learnt
+
+
+def test_vit_attention_is_pytorchs_fused_attention() -> None:
+    """The block's attention equals the textbook softmax(QK^T/sqrt(d))V."""
+    torch.manual_seed(0)
+    net = build_classifier(VIT, 1, 28, 3).backbone
+    attn = net.blocks[0].attn
+    x = torch.randn(2, 17, 16)
+    b, n, d = x.shape
+    q, k, v = attn.qkv(x).view(b, n, 3, 2, d // 2).permute(2, 0, 3, 1, 4)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / (d // 2) ** 0.5, dim=-1)
+    expected = attn.proj((weights @ v).transpose(1, 2).reshape(b, n, d))
+    torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_vit_rejects_a_patch_that_does_not_tile_the_image() -> None:
+    with pytest.raises(ValueError, match="not a multiple of patch_size 5"):
+        build_classifier({**VIT, "patch_size": 5}, 1, 28, 3)

@@ -4,11 +4,13 @@ process's random state was before."""
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
-from graftline.config import parse_params
+from graftline.config import ConfigError, Params, parse_params
 from graftline.data.dataset import Dataset
 from graftline.data.store import save_splits
+from graftline.errors import ArtifactError
 from graftline.models.checkpoint import read_checkpoint
 from tasks import finetune, pretrain
 from tests.conftest import blob_digits
@@ -42,7 +44,20 @@ def weights(path: Path) -> list[torch.Tensor]:
     return list(read_checkpoint(path)["state_dict"].values())
 
 
-def test_pretrain_and_finetune_are_reproducible(tmp_path: Path) -> None:
+VIT_PARAMS = parse_params(
+    {
+        **PARAMS.model_dump(mode="json"),
+        "pretrain": {
+            **PARAMS.pretrain.model_dump(mode="json"),
+            "model": {"arch": "vit", "patch_size": 7, "dim": 16, "depth": 2, "heads": 2},
+        },
+        "finetune": {**PARAMS.finetune.model_dump(mode="json"), "layer_decay": 0.75},
+    }
+)
+
+
+@pytest.mark.parametrize("params", [PARAMS, VIT_PARAMS], ids=["cnn", "vit"])
+def test_pretrain_and_finetune_are_reproducible(tmp_path: Path, params: Params) -> None:
     save_splits(tmp_path / "pre", {"train": blobs(12, 0), "val": blobs(4, 1)}, {})
     save_splits(
         tmp_path / "task", {"train": blobs(3, 2), "val": blobs(3, 3), "test": blobs(3, 4)}, {}
@@ -52,14 +67,14 @@ def test_pretrain_and_finetune_are_reproducible(tmp_path: Path) -> None:
         torch.manual_seed(1000 + i)  # a different global random state before each run
         out = tmp_path / f"run{i}"
         pretrain.run(
-            PARAMS,
+            params,
             data=tmp_path / "pre",
             out=out / "pre",
             reports=out / "rp",
             checkpoints=out / "ck",
         )
         finetune.run(
-            PARAMS,
+            params,
             data=tmp_path / "task",
             pretrained=out / "pre",
             finetuned_out=out / "ft",
@@ -74,3 +89,32 @@ def test_pretrain_and_finetune_are_reproducible(tmp_path: Path) -> None:
     assert (runs[0] / "rf" / "finetuned_history.csv").read_text() == (
         runs[1] / "rf" / "finetuned_history.csv"
     ).read_text()
+
+
+def test_layer_decay_scales_each_vit_layer_by_its_depth() -> None:
+    """MAE's recipe: the head and final norm at the full LR, each layer below one factor of
+    layer_decay lower, the embedding lowest; every parameter in exactly one group."""
+    from graftline.models import build_classifier
+    from tasks.finetune import strategy_groups
+
+    vit = VIT_PARAMS.pretrain.model.model_dump()
+    model = build_classifier(vit, 1, 28, 3)
+    p = VIT_PARAMS.finetune.model_copy(
+        update={"strategy": "full", "layer_decay": 0.5, "backbone_lr_scale": 1.0}
+    )  # model_copy skips validation: fine for these valid values
+    groups = strategy_groups(model, p)
+    scales = {g.name: g.lr_scale for g in groups}
+    assert scales == {
+        "backbone.layer0": 0.125,  # the embedding: patches, positions, class token
+        "backbone.layer1": 0.25,
+        "backbone.layer2": 0.5,
+        "backbone.layer3": 1.0,  # the final norm
+        "head": 1.0,
+    }
+    grouped = [id(t) for g in groups for t in g.module.parameters()]
+    assert sorted(grouped) == sorted(id(t) for t in model.parameters())
+    cnn = build_classifier(PARAMS.pretrain.model.model_dump(), 1, 28, 3)
+    with pytest.raises(ArtifactError, match="layer_decay needs a backbone made of layers"):
+        strategy_groups(cnn, p)
+    with pytest.raises(ConfigError, match="layer_decay applies to strategy full or gradual"):
+        parse_params({"finetune": {"strategy": "linear_probe", "layer_decay": 0.7}})
