@@ -66,7 +66,10 @@ def load_checkpoint(path: Path | str) -> tuple[Classifier, dict[str, Any]]:
     """Rebuild the model a checkpoint describes; returns ``(model in eval mode, checkpoint)``."""
     ckpt = read_checkpoint(path)
     c, h, _w = ckpt["input_shape"]
-    model = build_classifier(ckpt["model_config"], c, h, len(ckpt["classes"]))
+    try:
+        model = build_classifier(ckpt["model_config"], c, h, len(ckpt["classes"]))
+    except ValueError as err:
+        raise ArtifactError(f"{path}: cannot rebuild the stored architecture ({err})") from None
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:

@@ -53,7 +53,10 @@ def build_backbone(model_cfg: dict[str, Any], in_channels: int, image_size: int)
     arch = model_cfg.get("arch", "cnn")
     if arch not in BACKBONES:
         raise ValueError(f"unknown architecture {arch!r} (known: {sorted(BACKBONES)})")
-    return BACKBONES[arch](model_cfg, in_channels, image_size)
+    try:
+        return BACKBONES[arch](model_cfg, in_channels, image_size)
+    except KeyError as err:
+        raise ValueError(f"the {arch!r} model config lacks {err}") from None
 
 
 def build_classifier(

@@ -42,8 +42,10 @@ def test_missing_and_foreign_checkpoints(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "other.pt")
 
 
-def test_unknown_architecture() -> None:
-    with pytest.raises(ValueError, match="unknown architecture 'vit'"):
+def test_unknown_architecture_or_missing_key() -> None:
+    with pytest.raises(ValueError, match="unknown architecture 'rnn'"):
+        build_classifier({**MODEL, "arch": "rnn"}, 1, 28, 3)
+    with pytest.raises(ValueError, match="'vit' model config lacks 'patch_size'"):
         build_classifier({**MODEL, "arch": "vit"}, 1, 28, 3)
 
 
