@@ -206,10 +206,45 @@ class TrainConfig(_Strict):
     max_steps: int | None = Field(default=None, ge=1, description="smoke runs: stop after N steps")
 
 
+class MaeConfig(_Strict):
+    """Masked autoencoding (objective: mae)."""
+
+    mask_ratio: float = Field(default=0.75, gt=0, lt=1, description="share of patches hidden")
+    decoder_dim: int = Field(default=64, ge=8, description="width of the light decoder")
+    decoder_depth: int = Field(default=1, ge=1, description="decoder Transformer blocks")
+    decoder_heads: int = Field(default=4, ge=1)
+    norm_pix_loss: bool = Field(
+        default=True, description="reconstruct each patch's normalised pixels (MAE's default)"
+    )
+    knn_k: int = Field(default=20, ge=1, description="neighbours of the k-NN monitor")
+
+    @model_validator(mode="after")
+    def _heads(self) -> MaeConfig:
+        if self.decoder_dim % self.decoder_heads:
+            raise ValueError(
+                f"decoder_dim {self.decoder_dim} must be divisible by decoder_heads "
+                f"{self.decoder_heads}"
+            )
+        return self
+
+
 class PretrainParams(_Strict):
     seed: int = 0
+    objective: Literal["supervised", "mae"] = Field(
+        default="supervised",
+        description="supervised: cross-entropy on the corpus's labels; mae: masked "
+        "autoencoding, no labels used (a ViT only); its k-NN accuracy on the validation split "
+        "is the figure that selects the best epoch",
+    )
     model: ModelConfig = CnnConfig()
+    mae: MaeConfig = MaeConfig()
     train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _objective_fits_model(self) -> PretrainParams:
+        if self.objective == "mae" and self.model.arch != "vit":
+            raise ValueError("objective mae needs model.arch vit (it masks patches)")
+        return self
 
 
 class FinetuneParams(_Strict):

@@ -138,12 +138,16 @@ def plot_learning_curves(histories: dict[str, pd.DataFrame], path: Path) -> None
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, h in histories.items():
         line = ax_loss.plot(h["epoch"], h["train_loss"], label=f"{name} train")[0]
+        color = line.get_color()
         if "val_loss" in h:
-            ax_loss.plot(
-                h["epoch"], h["val_loss"], "--", color=line.get_color(), label=f"{name} val"
-            )
-            ax_acc.plot(h["epoch"], h["val_acc"], "--", color=line.get_color(), label=f"{name} val")
-        ax_acc.plot(h["epoch"], h["train_acc"], color=line.get_color(), label=f"{name} train")
+            ax_loss.plot(h["epoch"], h["val_loss"], "--", color=color, label=f"{name} val")
+        for col, style, label in (
+            ("val_acc", "--", "val"),
+            ("val_knn_acc", ":", "val k-NN"),  # pretraining without labels
+            ("train_acc", "-", "train"),
+        ):
+            if col in h:
+                ax_acc.plot(h["epoch"], h[col], style, color=color, label=f"{name} {label}")
     ax_loss.set(xlabel="epoch", ylabel="loss", yscale="log", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     ax_acc.legend(fontsize=7)

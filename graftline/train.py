@@ -31,6 +31,7 @@ from graftline.data.dataset import Dataset
 from graftline.data.transforms import augment_batch
 from graftline.errors import TrainingError
 from graftline.io import atomic_path
+from graftline.objectives import Objective, Supervised, to_float
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +83,6 @@ def _lr_factor(schedule: str, step: int, total: int) -> float:
     return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * u))
 
 
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images to float in [0, 1], the input every model sees."""
-    return images.float().div_(255.0)
-
-
 @torch.no_grad()
 def predict_proba(model: nn.Module, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
     """Class probabilities for ``(N, C, H, W)`` pixels in [0, 255], uint8 or float."""
@@ -98,19 +94,6 @@ def predict_proba(model: nn.Module, images: np.ndarray, batch_size: int = 1024) 
         for i in range(0, len(x), batch_size)
     ]
     return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
-
-
-@torch.no_grad()
-def _evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int = 1024
-) -> tuple[float, float]:
-    model.eval()
-    loss, correct = 0.0, 0
-    for i in range(0, len(x), bs):
-        logits = model(to_float(x[i : i + bs]))
-        loss += F.cross_entropy(logits, y[i : i + bs], reduction="sum").item()
-        correct += (logits.argmax(1) == y[i : i + bs]).sum().item()
-    return loss / len(x), correct / len(x)
 
 
 def _duration(seconds: float) -> str:
@@ -153,6 +136,7 @@ def fit(
     desc: str = "train",
     progress: bool | None = None,
     on_epoch_end: Callable[[dict[str, float]], None] | None = None,
+    objective: Objective | None = None,
 ) -> FitResult:
     """Train ``model`` in place and leave it holding the best validation weights.
 
@@ -166,6 +150,10 @@ def fit(
         fingerprint: identifies the run (params + data); a checkpoint of another run is ignored.
         progress: show a progress bar (default: when stderr is a terminal).
         on_epoch_end: called with each epoch's record (metrics logging, tests).
+        objective: the loss of a batch and the validation figures
+            (``graftline.objectives``; default: supervised cross-entropy). Its own
+            parameters (a decoder) train beside the model and are saved in the resume
+            checkpoint.
     Raises:
         TrainingError: the loss became NaN or infinite.
     """
@@ -194,10 +182,15 @@ def fit(
         total_steps = min(total_steps, cfg.max_steps)
     epochs = math.ceil(total_steps / steps_per_epoch)
 
+    objective = objective if objective is not None else Supervised(cfg.label_smoothing)
     param_groups = [
         {"params": [p for p in g.module.parameters()], "lr": cfg.lr * g.lr_scale, "name": g.name}
         for g in groups
     ]
+    if any(True for _ in objective.parameters()):
+        param_groups.append(
+            {"params": list(objective.parameters()), "lr": cfg.lr, "name": "objective"}
+        )
     opt_cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
     kwargs: dict[str, Any] = {"weight_decay": cfg.weight_decay}
     if cfg.optimizer == "sgd":
@@ -215,6 +208,7 @@ def fit(
     if state is not None:
         if state.get("format") == RESUME_FORMAT and state.get("fingerprint") == fingerprint:
             model.load_state_dict(state["model"])
+            objective.load_state_dict(state.get("objective", {}))
             optimizer.load_state_dict(state["optimizer"])
             history = list(state["history"])
             best_state = state["best_state"]
@@ -236,6 +230,7 @@ def fit(
             frozen = epoch < g.frozen_epochs
             g.module.requires_grad_(not frozen)
         model.train()
+        objective.train()
         for g in groups:
             if epoch < g.frozen_epochs:
                 g.module.eval()  # frozen parts keep their BatchNorm statistics and no dropout
@@ -264,8 +259,7 @@ def fit(
             xb = xb.contiguous(memory_format=layout)
             yb = y[idx]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                logits = model(xb)
-                loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
+                loss, predicted = objective.step(model, xb, yb, gen)
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"{desc}: non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1}; "
@@ -276,7 +270,8 @@ def fit(
             optimizer.step()
             step += 1
             run_loss += loss.item() * len(idx)
-            run_correct += (logits.argmax(1) == yb).sum().item()
+            if predicted is not None:
+                run_correct += (predicted == yb).sum().item()
             seen += len(idx)
             bar.set_postfix(loss=f"{run_loss / seen:.4f}", acc=f"{run_correct / seen:.3f}")
         bar.close()
@@ -287,12 +282,15 @@ def fit(
             "epoch": epoch + 1,
             "train_loss": run_loss / max(seen, 1),
             "train_acc": run_correct / max(seen, 1),
-            "lr": base_lrs[-1] * _lr_factor(cfg.schedule, max(step - 1, 0), total_steps),
+            "lr": base_lrs[len(groups) - 1]
+            * _lr_factor(cfg.schedule, max(step - 1, 0), total_steps),
             "seconds": elapsed,
         }
+        if not objective.reports_train_acc:
+            del record["train_acc"]
         if xv is not None:
-            vloss, vacc = _evaluate(model, xv, yv)
-            record.update(val_loss=vloss, val_acc=vacc)
+            vloss, vacc = objective.validate(model, xv, yv, x=x, y=y)
+            record.update({"val_loss": vloss, objective.val_acc_name: vacc})
             key = (vacc, -vloss)
             if best_key is None or key > best_key:
                 best_key, best_epoch, bad_epochs = key, epoch, 0
@@ -331,6 +329,7 @@ def fit(
                     "epoch": epoch,
                     "step": step,
                     "model": model.state_dict(),
+                    "objective": objective.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "history": history,
                     "best_state": best_state,

@@ -211,8 +211,13 @@ def model_card(
         "",
         "**Model.** "
         f"Backbone `{ckpt['model_config'].get('arch', '?')}` ({arch}), {n_params:,} parameters, "
-        f"{len(ckpt['classes'])} classes ({', '.join(ckpt['classes'])}). Pretrained with labels "
-        f"(supervised) for {params.pretrain.train.epochs} epochs, then a new head grafted on and "
+        f"{len(ckpt['classes'])} classes ({', '.join(ckpt['classes'])}). Pretrained "
+        + (
+            "without labels (masked autoencoding) "
+            if params.pretrain.objective == "mae"
+            else "with labels (supervised) "
+        )
+        + f"for {params.pretrain.train.epochs} epochs, then a new head grafted on and "
         f"fine-tuned with strategy `{ft.strategy}` for {ft.train.epochs} epochs.",
         f"Input: {shape} images; transform `{tf['fit']}` "
         + (

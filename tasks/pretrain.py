@@ -15,6 +15,7 @@ from graftline.config import Params
 from graftline.data.store import load_split, read_manifest
 from graftline.io import write_json
 from graftline.models import build_classifier, save_checkpoint
+from graftline.objectives import MaskedAutoencoder
 from graftline.train import fit, predict_proba
 from tasks import paths
 from tasks._stage import stage_main
@@ -38,17 +39,29 @@ def run(
     model_cfg = p.model.model_dump()
     torch.manual_seed(p.seed)  # the initial weights are part of the run's seed
     model = build_classifier(model_cfg, c, h, len(train.classes))
+    objective = None
+    if p.objective == "mae":
+        objective = MaskedAutoencoder(model.backbone, c, **p.mae.model_dump())
     fp = fingerprint(p.model_dump(), {s: v["sha256"] for s, v in manifest["splits"].items()})
     resume = checkpoints / "pretrain" / "last.pt"
     result = fit(
-        model, train, val, p.train, seed=p.seed, resume_path=resume, fingerprint=fp, desc="pretrain"
+        model,
+        train,
+        val,
+        p.train,
+        seed=p.seed,
+        resume_path=resume,
+        fingerprint=fp,
+        desc="pretrain",
+        objective=objective,
     )
     metrics: dict[str, Any] = {
-        "val_acc": result.best_val_acc,
+        # supervised: the classifier's validation accuracy; mae: the features' k-NN accuracy
+        "val_knn_acc" if objective is not None else "val_acc": result.best_val_acc,
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
     }
-    if "test" in manifest["splits"]:
+    if "test" in manifest["splits"] and objective is None:  # an MAE's head never trained
         test = load_split(data, "test")
         pred = predict_proba(model, test.images).argmax(1)
         metrics["test_acc"] = float(np.mean(pred == test.labels))
@@ -61,6 +74,7 @@ def run(
         transform=train.transform,
         extra={
             "stage": "pretrain",
+            "objective": p.objective,
             "data_sha256": manifest["splits"]["train"]["sha256"],
             "metrics": metrics,
         },

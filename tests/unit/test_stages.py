@@ -56,7 +56,19 @@ VIT_PARAMS = parse_params(
 )
 
 
-@pytest.mark.parametrize("params", [PARAMS, VIT_PARAMS], ids=["cnn", "vit"])
+MAE_PARAMS = parse_params(
+    {
+        **VIT_PARAMS.model_dump(mode="json"),
+        "pretrain": {
+            **VIT_PARAMS.pretrain.model_dump(mode="json"),
+            "objective": "mae",
+            "mae": {"decoder_dim": 16, "knn_k": 3},
+        },
+    }
+)
+
+
+@pytest.mark.parametrize("params", [PARAMS, VIT_PARAMS, MAE_PARAMS], ids=["cnn", "vit", "vit-mae"])
 def test_pretrain_and_finetune_are_reproducible(tmp_path: Path, params: Params) -> None:
     save_splits(tmp_path / "pre", {"train": blobs(12, 0), "val": blobs(4, 1)}, {})
     save_splits(
@@ -83,6 +95,10 @@ def test_pretrain_and_finetune_are_reproducible(tmp_path: Path, params: Params) 
             checkpoints=out / "ck",
         )
         runs.append(out)
+    if params.pretrain.objective == "mae":  # pretrained without labels, monitored by k-NN
+        history = (runs[0] / "rp" / "history.csv").read_text().splitlines()[0]
+        assert "val_knn_acc" in history and "train_acc" not in history
+        assert read_checkpoint(runs[0] / "pre" / "model.pt")["objective"] == "mae"
     for model in ("pre", "ft", "sc"):
         a, b = (weights(r / model / "model.pt") for r in runs)
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), model

@@ -1,0 +1,180 @@
+"""What a training step optimises, apart from the loop that runs it (``graftline.train.fit``).
+
+An objective gives the loss of a batch and, after each epoch, the validation figures the loop
+selects the best epoch by. ``Supervised`` is cross-entropy on the labels. ``MaskedAutoencoder``
+(He et al., 2022) pretrains a ViT without using the labels: it hides ``mask_ratio`` of the
+patches, encodes the visible ones, and a light decoder reconstructs the pixels of the hidden
+ones; the loss counts the hidden patches only. Its validation accuracy is the k-NN accuracy
+of the backbone's features (what self-supervised work reports while pretraining), which needs
+labels on the validation split only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graftline.models.vit import Block, ViTBackbone
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images to float in [0, 1], the input every model sees."""
+    return images.float().div_(255.0)
+
+
+class Supervised(nn.Module):
+    """Cross-entropy on the labels; validation accuracy is the classifier's own."""
+
+    val_acc_name = "val_acc"
+    reports_train_acc = True
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def step(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss of a batch, and its logits' argmax (for the training accuracy)."""
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        return loss, logits.argmax(1)
+
+    @torch.no_grad()
+    def validate(
+        self, model: nn.Module, xv: torch.Tensor, yv: torch.Tensor, **_: Any
+    ) -> tuple[float, float]:
+        model.eval()
+        loss, correct, bs = 0.0, 0, 1024
+        for i in range(0, len(xv), bs):
+            logits = model(to_float(xv[i : i + bs]))
+            loss += F.cross_entropy(logits, yv[i : i + bs], reduction="sum").item()
+            correct += (logits.argmax(1) == yv[i : i + bs]).sum().item()
+        return loss / len(xv), correct / len(xv)
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """``(B, C, H, W)`` to ``(B, (H/p)*(W/p), p*p*C)``, row by row as the patch embedding."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // p, p, w // p, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
+
+
+class MaskedAutoencoder(nn.Module):
+    """MAE on a :class:`ViTBackbone`: random masking, a light Transformer decoder, and a loss
+    on the (per-patch normalised) pixels of the masked patches only."""
+
+    val_acc_name = "val_knn_acc"
+    reports_train_acc = False
+
+    def __init__(
+        self,
+        backbone: ViTBackbone,
+        in_channels: int,
+        mask_ratio: float = 0.75,
+        decoder_dim: int = 64,
+        decoder_depth: int = 1,
+        decoder_heads: int = 4,
+        norm_pix_loss: bool = True,
+        knn_k: int = 20,
+    ) -> None:
+        super().__init__()
+        if not isinstance(backbone, ViTBackbone):
+            raise TypeError("masked autoencoding needs a ViT backbone (model.arch: vit)")
+        dim, n = backbone.out_features, backbone.num_patches
+        self.mask_ratio, self.norm_pix_loss, self.knn_k = mask_ratio, norm_pix_loss, knn_k
+        self.patch_size = backbone.patch_size
+        self.decoder_embed = nn.Linear(dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.decoder_pos = nn.Parameter(torch.zeros(1, n, decoder_dim))
+        self.decoder = nn.ModuleList(
+            Block(decoder_dim, decoder_heads, 4.0, 0.0) for _ in range(decoder_depth)
+        )
+        self.decoder_norm = nn.LayerNorm(decoder_dim)
+        self.decoder_pred = nn.Linear(decoder_dim, self.patch_size**2 * in_channels)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        nn.init.trunc_normal_(self.decoder_pos, std=0.02)
+
+    def reconstruction_loss(
+        self, vit: ViTBackbone, x: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        tokens = vit.embed(x)
+        b, n, d = tokens.shape
+        keep = max(1, int(n * (1 - self.mask_ratio)))
+        noise = torch.rand(b, n, generator=generator).to(x.device)
+        shuffle = noise.argsort(dim=1)
+        restore = shuffle.argsort(dim=1)
+        visible = torch.gather(tokens, 1, shuffle[:, :keep, None].expand(-1, -1, d))
+        latent = self.decoder_embed(vit.encode(visible))
+        if vit.embed.cls is not None:
+            latent = latent[:, 1:]
+        full = torch.cat([latent, self.mask_token.expand(b, n - keep, -1)], dim=1)
+        full = torch.gather(full, 1, restore[:, :, None].expand(-1, -1, full.shape[2]))
+        full = full + self.decoder_pos
+        for block in self.decoder:
+            full = block(full)
+        pred = self.decoder_pred(self.decoder_norm(full))
+        target = patchify(x, self.patch_size)
+        if self.norm_pix_loss:
+            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6).sqrt()
+        mask = torch.ones(b, n, device=x.device)
+        mask[:, :keep] = 0
+        mask = torch.gather(mask, 1, restore)  # 1 where hidden
+        per_patch = ((pred - target) ** 2).mean(-1)
+        return (per_patch * mask).sum() / mask.sum()
+
+    def step(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, None]:
+        return self.reconstruction_loss(model.backbone, x, generator), None
+
+    @torch.no_grad()
+    def validate(
+        self,
+        model: nn.Module,
+        xv: torch.Tensor,
+        yv: torch.Tensor,
+        *,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        **_: Any,
+    ) -> tuple[float, float]:
+        """Reconstruction loss on the validation split (fixed masks), and the k-NN accuracy
+        of its features against (up to 5,000 of) the training split's."""
+        model.eval()
+        self.eval()
+        gen = torch.Generator().manual_seed(0)
+        bs, loss = 512, 0.0
+        for i in range(0, len(xv), bs):
+            xb = to_float(xv[i : i + bs])
+            loss += self.reconstruction_loss(model.backbone, xb, gen).item() * len(xb)
+        bank = torch.arange(len(x))[:: max(1, len(x) // 5000)]
+        return loss / len(xv), knn_accuracy(
+            features(model.backbone, x[bank]), y[bank], features(model.backbone, xv), yv, self.knn_k
+        )
+
+
+@torch.no_grad()
+def features(backbone: nn.Module, x: torch.Tensor, bs: int = 1024) -> torch.Tensor:
+    """L2-normalised backbone features of uint8 images."""
+    backbone.eval()
+    out = [backbone(to_float(x[i : i + bs])) for i in range(0, len(x), bs)]
+    return F.normalize(torch.cat(out), dim=1)
+
+
+def knn_accuracy(
+    bank: torch.Tensor, bank_y: torch.Tensor, query: torch.Tensor, query_y: torch.Tensor, k: int
+) -> float:
+    """Accuracy of a cosine-similarity k-nearest-neighbour vote (weighted by similarity)."""
+    k = min(k, len(bank))
+    sim, idx = (query @ bank.T).topk(k, dim=1)
+    votes = torch.zeros(len(query), int(bank_y.max()) + 1)
+    votes.scatter_add_(1, bank_y[idx], sim.clamp_min(0) + 1e-6)
+    return float((votes.argmax(1) == query_y).float().mean())
+
+
+Objective = Supervised | MaskedAutoencoder  # what graftline.train.fit takes

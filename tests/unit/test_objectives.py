@@ -1,0 +1,96 @@
+"""Pretraining objectives: masked autoencoding learns without labels, hides what it should,
+and reports the k-NN accuracy of its features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from graftline.config import ConfigError, TrainConfig, parse_params
+from graftline.data.dataset import Dataset
+from graftline.models import build_classifier
+from graftline.objectives import MaskedAutoencoder, knn_accuracy, patchify
+from graftline.train import fit
+from tests.conftest import blob_digits
+
+VIT = {"arch": "vit", "patch_size": 7, "dim": 32, "depth": 2, "heads": 4}
+VIT |= {"mlp_ratio": 2.0, "dropout": 0.0, "pool": "mean"}
+
+
+def blobs(n: int, seed: int) -> Dataset:
+    x, y = blob_digits(n, classes=3, seed=seed)
+    return Dataset(x[:, None], y.astype(np.int64), ["0", "1", "2"], "blobs")
+
+
+def mae_fit(train: Dataset, epochs: int = 15) -> tuple[torch.nn.Module, list[dict[str, float]]]:
+    torch.manual_seed(0)
+    model = build_classifier(VIT, 1, 28, 3)
+    # raw pixels: the blobs' noise makes per-patch normalised targets mostly unpredictable
+    objective = MaskedAutoencoder(model.backbone, 1, decoder_dim=32, knn_k=5, norm_pix_loss=False)
+    cfg = TrainConfig(epochs=epochs, batch_size=16, lr=3e-3, num_threads=1)
+    result = fit(model, train, blobs(10, 1), cfg, seed=0, objective=objective, progress=False)
+    return model, result.history
+
+
+def test_mae_learns_without_using_the_labels() -> None:
+    train = blobs(20, 0)
+    _, history = mae_fit(train)
+    # The reconstruction of hidden validation patches improves, and the features it learns
+    # separate the classes better (k-NN on the validation split) than after the first epoch.
+    assert history[-1]["val_loss"] < 0.5 * history[0]["val_loss"]
+    best = max(h["val_knn_acc"] for h in history)
+    assert best >= 0.8 and best > history[0]["val_knn_acc"] + 0.1
+    # ...and does not depend on the labels: permuted labels give the same training losses.
+    shuffled = Dataset(
+        train.images, np.random.default_rng(1).permutation(train.labels), train.classes, "x"
+    )
+    _, again = mae_fit(shuffled)
+    assert [h["train_loss"] for h in again] == [h["train_loss"] for h in history]
+    # The monitor: k-NN accuracy of the features on the validation split, every epoch.
+    assert all(0.0 <= h["val_knn_acc"] <= 1.0 for h in history)
+    assert "train_acc" not in history[0] and "val_acc" not in history[0]
+
+
+def test_mae_loss_counts_the_hidden_patches_only() -> None:
+    """Changing the pixels of visible patches changes the input but not the target of the
+    loss; changing a hidden patch's pixels changes it."""
+    torch.manual_seed(0)
+    model = build_classifier(VIT, 1, 28, 3)
+    mae = MaskedAutoencoder(model.backbone, 1, mask_ratio=0.75, decoder_dim=32, norm_pix_loss=False)
+    x = torch.rand(1, 1, 28, 28)
+    n = model.backbone.num_patches
+    keep = int(n * 0.25)
+    order = torch.rand(1, n, generator=torch.Generator().manual_seed(5)).argsort(1)[0]
+    hidden = order[keep:]
+    target = patchify(x, 7)
+    assert target.shape == (1, 16, 49)
+
+    def loss_with(pred: torch.Tensor) -> float:
+        # the decoder's output replaced by ``pred``: the loss is its error on hidden patches
+        mae.decoder_pred.forward = lambda _h: pred  # type: ignore[method-assign]
+        return mae.reconstruction_loss(model.backbone, x, torch.Generator().manual_seed(5)).item()
+
+    perfect = target.clone()
+    assert loss_with(perfect) == pytest.approx(0.0, abs=1e-9)
+    wrong_visible = perfect.clone()
+    wrong_visible[0, order[:keep]] += 1.0
+    assert loss_with(wrong_visible) == pytest.approx(0.0, abs=1e-9)
+    wrong_hidden = perfect.clone()
+    wrong_hidden[0, hidden[0]] += 1.0
+    assert loss_with(wrong_hidden) == pytest.approx(1.0 / len(hidden), rel=1e-5)
+
+
+def test_knn_accuracy_votes_by_cosine_similarity() -> None:
+    bank = torch.nn.functional.normalize(torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1.0]]), dim=1)
+    labels = torch.tensor([0, 0, 1])
+    query = torch.nn.functional.normalize(torch.tensor([[1.0, 0.05], [0.1, 1.0]]), dim=1)
+    assert knn_accuracy(bank, labels, query, torch.tensor([0, 1]), k=1) == 1.0
+    assert knn_accuracy(bank, labels, query, torch.tensor([1, 0]), k=1) == 0.0
+
+
+def test_mae_needs_a_vit() -> None:
+    with pytest.raises(ConfigError, match="objective mae needs model.arch vit"):
+        parse_params({"pretrain": {"objective": "mae"}})
+    params = parse_params({"pretrain": {"objective": "mae", "model": VIT}})
+    assert params.pretrain.mae.mask_ratio == 0.75
