@@ -228,16 +228,29 @@ class MaeConfig(_Strict):
         return self
 
 
+class ContrastiveConfig(_Strict):
+    """SimCLR-style contrastive learning (objective: contrastive), any backbone."""
+
+    temperature: float = Field(default=0.2, gt=0, description="of the NT-Xent loss")
+    proj_dim: int = Field(default=64, ge=2, description="width of the projection head's output")
+    augment: Augment = Field(
+        default=Augment(shift=0.15, rotate=15, scale=0.15),
+        description="how each of the two views of an image is drawn",
+    )
+    knn_k: int = Field(default=20, ge=1, description="neighbours of the k-NN monitor")
+
+
 class PretrainParams(_Strict):
     seed: int = 0
-    objective: Literal["supervised", "mae"] = Field(
+    objective: Literal["supervised", "mae", "contrastive"] = Field(
         default="supervised",
         description="supervised: cross-entropy on the corpus's labels; mae: masked "
-        "autoencoding, no labels used (a ViT only); its k-NN accuracy on the validation split "
-        "is the figure that selects the best epoch",
+        "autoencoding (a ViT only); contrastive: SimCLR (any backbone). mae and contrastive use "
+        "no label: their k-NN accuracy on the validation split selects the best epoch",
     )
     model: ModelConfig = CnnConfig()
     mae: MaeConfig = MaeConfig()
+    contrastive: ContrastiveConfig = ContrastiveConfig()
     train: TrainConfig = TrainConfig()
 
     @model_validator(mode="after")

@@ -1,12 +1,13 @@
 """What a training step optimises, apart from the loop that runs it (``graftline.train.fit``).
 
 An objective gives the loss of a batch and, after each epoch, the validation figures the loop
-selects the best epoch by. ``Supervised`` is cross-entropy on the labels. ``MaskedAutoencoder``
-(He et al., 2022) pretrains a ViT without using the labels: it hides ``mask_ratio`` of the
-patches, encodes the visible ones, and a light decoder reconstructs the pixels of the hidden
-ones; the loss counts the hidden patches only. Its validation accuracy is the k-NN accuracy
-of the backbone's features (what self-supervised work reports while pretraining), which needs
-labels on the validation split only.
+selects the best epoch by. ``Supervised`` is cross-entropy on the labels. Two never read a
+label: ``MaskedAutoencoder`` (He et al., 2022) hides ``mask_ratio`` of a ViT's patches,
+encodes the visible ones, and a light decoder reconstructs the pixels of the hidden ones (the
+loss counts the hidden patches only); ``Contrastive`` (SimCLR, Chen et al., 2020) pulls two
+augmented views of an image together and pushes the batch's other images away. Their
+validation accuracy is the k-NN accuracy of the backbone's features (what self-supervised work
+reports while pretraining), which needs labels on the validation split only.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graftline.data.transforms import augment_batch
 from graftline.models.vit import Block, ViTBackbone
 
 
@@ -63,12 +65,54 @@ def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
 
 
-class MaskedAutoencoder(nn.Module):
-    """MAE on a :class:`ViTBackbone`: random masking, a light Transformer decoder, and a loss
-    on the (per-patch normalised) pixels of the masked patches only."""
+class SelfSupervised(nn.Module):
+    """What objectives that never read a label share: the loss of a batch from the images
+    alone, and as validation figures that loss on the validation split (fixed randomness)
+    and the k-NN accuracy of the backbone's features against the training split's."""
 
     val_acc_name = "val_knn_acc"
     reports_train_acc = False
+    knn_k = 20
+
+    def batch_loss(
+        self, model: nn.Module, x: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, None]:
+        return self.batch_loss(model, x, generator), None
+
+    @torch.no_grad()
+    def validate(
+        self,
+        model: nn.Module,
+        xv: torch.Tensor,
+        yv: torch.Tensor,
+        *,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        **_: Any,
+    ) -> tuple[float, float]:
+        """The loss on the validation split, and the k-NN accuracy of its features against
+        (up to 5,000 of) the training split's; labels serve the monitor only."""
+        model.eval()
+        self.eval()
+        gen = torch.Generator().manual_seed(0)
+        bs, loss = 512, 0.0
+        for i in range(0, len(xv), bs):
+            xb = to_float(xv[i : i + bs])
+            loss += self.batch_loss(model, xb, gen).item() * len(xb)
+        bank = torch.arange(len(x))[:: max(1, len(x) // 5000)]
+        return loss / len(xv), knn_accuracy(
+            features(model.backbone, x[bank]), y[bank], features(model.backbone, xv), yv, self.knn_k
+        )
+
+
+class MaskedAutoencoder(SelfSupervised):
+    """MAE on a :class:`ViTBackbone`: random masking, a light Transformer decoder, and a loss
+    on the (per-patch normalised) pixels of the masked patches only."""
 
     def __init__(
         self,
@@ -127,35 +171,54 @@ class MaskedAutoencoder(nn.Module):
         per_patch = ((pred - target) ** 2).mean(-1)
         return (per_patch * mask).sum() / mask.sum()
 
-    def step(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
-    ) -> tuple[torch.Tensor, None]:
-        return self.reconstruction_loss(model.backbone, x, generator), None
+    def batch_loss(
+        self, model: nn.Module, x: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        return self.reconstruction_loss(model.backbone, x, generator)
 
-    @torch.no_grad()
-    def validate(
+
+class Contrastive(SelfSupervised):
+    """SimCLR (Chen et al., 2020) for any backbone: two augmented views of each image, a
+    projection head, and the NT-Xent loss at ``temperature``: each view must pick its twin
+    out of the other ``2B - 2`` images of the batch."""
+
+    def __init__(
         self,
-        model: nn.Module,
-        xv: torch.Tensor,
-        yv: torch.Tensor,
-        *,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        **_: Any,
-    ) -> tuple[float, float]:
-        """Reconstruction loss on the validation split (fixed masks), and the k-NN accuracy
-        of its features against (up to 5,000 of) the training split's."""
-        model.eval()
-        self.eval()
-        gen = torch.Generator().manual_seed(0)
-        bs, loss = 512, 0.0
-        for i in range(0, len(xv), bs):
-            xb = to_float(xv[i : i + bs])
-            loss += self.reconstruction_loss(model.backbone, xb, gen).item() * len(xb)
-        bank = torch.arange(len(x))[:: max(1, len(x) // 5000)]
-        return loss / len(xv), knn_accuracy(
-            features(model.backbone, x[bank]), y[bank], features(model.backbone, xv), yv, self.knn_k
+        out_features: int,
+        proj_dim: int = 64,
+        temperature: float = 0.2,
+        augment: dict[str, float] | None = None,
+        knn_k: int = 20,
+    ) -> None:
+        super().__init__()
+        self.temperature, self.knn_k = temperature, knn_k
+        self.augment = dict(augment or {"shift": 0.15, "rotate": 15.0, "scale": 0.15})
+        self.projection = nn.Sequential(
+            nn.Linear(out_features, out_features),
+            nn.ReLU(inplace=True),
+            nn.Linear(out_features, proj_dim),
         )
+
+    def batch_loss(
+        self, model: nn.Module, x: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        views = torch.cat(
+            [
+                augment_batch(x, generator, **self.augment),
+                augment_batch(x, generator, **self.augment),
+            ]
+        )
+        z = F.normalize(self.projection(model.backbone(views)), dim=1)
+        return nt_xent(z, self.temperature)
+
+
+def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent over ``2B`` normalised projections, view ``i`` and ``i + B`` being twins."""
+    n = len(z) // 2
+    sim = (z @ z.T) / temperature
+    sim = sim.masked_fill(torch.eye(len(z), dtype=torch.bool, device=z.device), float("-inf"))
+    twins = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(sim, twins)
 
 
 @torch.no_grad()
@@ -177,4 +240,4 @@ def knn_accuracy(
     return float((votes.argmax(1) == query_y).float().mean())
 
 
-Objective = Supervised | MaskedAutoencoder  # what graftline.train.fit takes
+Objective = Supervised | MaskedAutoencoder | Contrastive  # what graftline.train.fit takes

@@ -15,7 +15,7 @@ from graftline.config import Params
 from graftline.data.store import load_split, read_manifest
 from graftline.io import write_json
 from graftline.models import build_classifier, save_checkpoint
-from graftline.objectives import MaskedAutoencoder
+from graftline.objectives import Contrastive, MaskedAutoencoder
 from graftline.train import fit, predict_proba
 from tasks import paths
 from tasks._stage import stage_main
@@ -39,9 +39,18 @@ def run(
     model_cfg = p.model.model_dump()
     torch.manual_seed(p.seed)  # the initial weights are part of the run's seed
     model = build_classifier(model_cfg, c, h, len(train.classes))
-    objective = None
+    objective: MaskedAutoencoder | Contrastive | None = None
     if p.objective == "mae":
         objective = MaskedAutoencoder(model.backbone, c, **p.mae.model_dump())
+    elif p.objective == "contrastive":
+        cc = p.contrastive
+        objective = Contrastive(
+            model.backbone.out_features,
+            proj_dim=cc.proj_dim,
+            temperature=cc.temperature,
+            augment=cc.augment.model_dump(),
+            knn_k=cc.knn_k,
+        )
     fp = fingerprint(p.model_dump(), {s: v["sha256"] for s, v in manifest["splits"].items()})
     resume = checkpoints / "pretrain" / "last.pt"
     result = fit(

@@ -3,6 +3,8 @@ and reports the k-NN accuracy of its features."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ import torch
 from graftline.config import ConfigError, TrainConfig, parse_params
 from graftline.data.dataset import Dataset
 from graftline.models import build_classifier
-from graftline.objectives import MaskedAutoencoder, knn_accuracy, patchify
+from graftline.objectives import Contrastive, MaskedAutoencoder, knn_accuracy, nt_xent, patchify
 from graftline.train import fit
 from tests.conftest import blob_digits
 
@@ -89,8 +91,42 @@ def test_knn_accuracy_votes_by_cosine_similarity() -> None:
     assert knn_accuracy(bank, labels, query, torch.tensor([1, 0]), k=1) == 0.0
 
 
-def test_mae_needs_a_vit() -> None:
+def test_mae_needs_a_vit_and_contrastive_takes_any_backbone() -> None:
     with pytest.raises(ConfigError, match="objective mae needs model.arch vit"):
         parse_params({"pretrain": {"objective": "mae"}})
     params = parse_params({"pretrain": {"objective": "mae", "model": VIT}})
     assert params.pretrain.mae.mask_ratio == 0.75
+    params = parse_params({"pretrain": {"objective": "contrastive"}})
+    assert params.pretrain.model.arch == "cnn" and params.pretrain.contrastive.temperature == 0.2
+    with pytest.raises(ConfigError, match="pretrain.contrastive.temperature"):
+        parse_params({"pretrain": {"objective": "contrastive", "contrastive": {"temperature": 0}}})
+
+
+def test_contrastive_learns_on_a_cnn_without_the_labels() -> None:
+    """SimCLR on the CNN: its NT-Xent loss falls, the labels change nothing of it, and the
+    k-NN monitor reports every epoch."""
+    cnn = {"arch": "cnn", "channels": [8, 16], "hidden": 32, "dropout": 0.0}
+
+    def run(train: Dataset) -> list[dict[str, float]]:
+        torch.manual_seed(0)
+        model = build_classifier(cnn, 1, 28, 3)
+        objective = Contrastive(model.backbone.out_features, proj_dim=16, knn_k=5)
+        cfg = TrainConfig(epochs=8, batch_size=20, lr=3e-3, num_threads=1)
+        return fit(model, train, blobs(10, 1), cfg, seed=0, objective=objective).history
+
+    train = blobs(20, 0)
+    history = run(train)
+    chance = math.log(2 * 20 - 1)  # NT-Xent when the twin is no likelier than the others
+    assert history[0]["train_loss"] > 0.95 * chance > 0.85 * chance > history[-1]["train_loss"]
+    assert all(0.0 <= h["val_knn_acc"] <= 1.0 for h in history)
+    shuffled = Dataset(
+        train.images, np.random.default_rng(1).permutation(train.labels), train.classes, "x"
+    )
+    assert [h["train_loss"] for h in run(shuffled)] == [h["train_loss"] for h in history]
+
+
+def test_nt_xent_is_low_when_twins_agree_and_high_when_they_do_not() -> None:
+    a = torch.nn.functional.normalize(torch.eye(4), dim=1)
+    agree = nt_xent(torch.cat([a, a]), temperature=0.1)
+    swapped = nt_xent(torch.cat([a, a.roll(1, dims=0)]), temperature=0.1)
+    assert agree < 0.01 < 5 < swapped

@@ -68,7 +68,23 @@ MAE_PARAMS = parse_params(
 )
 
 
-@pytest.mark.parametrize("params", [PARAMS, VIT_PARAMS, MAE_PARAMS], ids=["cnn", "vit", "vit-mae"])
+SIMCLR_PARAMS = parse_params(
+    {
+        **PARAMS.model_dump(mode="json"),
+        "pretrain": {
+            **PARAMS.pretrain.model_dump(mode="json"),
+            "objective": "contrastive",
+            "contrastive": {"proj_dim": 8, "knn_k": 3},
+        },
+    }
+)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [PARAMS, VIT_PARAMS, MAE_PARAMS, SIMCLR_PARAMS],
+    ids=["cnn", "vit", "vit-mae", "cnn-contrastive"],
+)
 def test_pretrain_and_finetune_are_reproducible(tmp_path: Path, params: Params) -> None:
     save_splits(tmp_path / "pre", {"train": blobs(12, 0), "val": blobs(4, 1)}, {})
     save_splits(
@@ -95,10 +111,11 @@ def test_pretrain_and_finetune_are_reproducible(tmp_path: Path, params: Params) 
             checkpoints=out / "ck",
         )
         runs.append(out)
-    if params.pretrain.objective == "mae":  # pretrained without labels, monitored by k-NN
+    if params.pretrain.objective != "supervised":  # no labels used, monitored by k-NN
         history = (runs[0] / "rp" / "history.csv").read_text().splitlines()[0]
         assert "val_knn_acc" in history and "train_acc" not in history
-        assert read_checkpoint(runs[0] / "pre" / "model.pt")["objective"] == "mae"
+        objective = read_checkpoint(runs[0] / "pre" / "model.pt")["objective"]
+        assert objective == params.pretrain.objective
     for model in ("pre", "ft", "sc"):
         a, b = (weights(r / model / "model.pt") for r in runs)
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), model
