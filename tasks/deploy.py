@@ -64,6 +64,37 @@ def log_model(checkpoint: Path, example: np.ndarray) -> Any:
     )
 
 
+FIGURES_HEADER = ["model", "accuracy", "macro-F1", "ECE"]
+
+
+def figure_rows(metrics: dict[str, Any], decision: GateDecision) -> list[list[str]]:
+    """The test figures of every model, and the champion's accuracy re-scored on the same
+    items: the rows of the report's, the card's and the HTML page's table."""
+    rows = [
+        [m, *(f"{metrics[m][k]:.4f}" for k in ("accuracy", "macro_f1", "ece"))]
+        for m in ("finetuned", "scratch", "svc")
+        if m in metrics
+    ]
+    if decision.champion_accuracy is not None:
+        rows.append(
+            [
+                f"champion v{decision.champion_version} (re-scored)",
+                f"{decision.champion_accuracy:.4f}",
+                "",
+                "",
+            ]
+        )
+    return rows
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|---" * len(header) + "|",
+        *("| " + " | ".join(r) + " |" for r in rows),
+    ]
+
+
 def report_markdown(
     metrics: dict[str, Any], decision: GateDecision, name: str, version: str, promoted: bool
 ) -> str:
@@ -71,18 +102,8 @@ def report_markdown(
     lines = [
         f"# graftline: {name} v{version}",
         "",
-        "| model | accuracy | macro-F1 | ECE |",
-        "|---|---|---|---|",
+        *_markdown_table(FIGURES_HEADER, figure_rows(metrics, decision)),
     ]
-    for m in ("finetuned", "scratch", "svc"):
-        if m in metrics:
-            r = metrics[m]
-            lines.append(f"| {m} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['ece']:.4f} |")
-    if decision.champion_accuracy is not None:
-        lines.append(
-            f"| champion v{decision.champion_version} (re-scored) | "
-            f"{decision.champion_accuracy:.4f} | | |"
-        )
     verdict = "**promoted** to champion" if promoted else "**not promoted**"
     lines += ["", f"Test items: {decision.n}. Gate: {verdict}. {decision.reason}."]
     return "\n".join(lines) + "\n"
@@ -116,19 +137,10 @@ def log_report(
             packaged.labels, packaged.champion_correct, n
         )
     rows = [[c, *(float(a[i]) for a in per_class.values())] for i, c in enumerate(packaged.classes)]
-    model_rows = [
-        [m, metrics[m]["accuracy"], metrics[m]["macro_f1"], metrics[m]["ece"]]
-        for m in ("finetuned", "scratch", "svc")
-        if m in metrics
-    ]
-    if decision.champion_accuracy is not None:
-        model_rows.append(
-            [f"champion v{decision.champion_version}", decision.champion_accuracy, "", ""]
-        )
     efficiency_csv = root / paths.REPORTS / "label_efficiency.csv"
     efficiency = pd.read_csv(efficiency_csv) if efficiency_csv.exists() else None
     tables = {
-        "Test figures": table(["model", "accuracy", "macro-F1", "ECE"], model_rows),
+        "Test figures": table(FIGURES_HEADER, figure_rows(metrics, decision)),
         "Per-class accuracy": table(["class", *per_class], rows),
     }
     if efficiency is not None:
@@ -164,17 +176,32 @@ def log_report(
         page = html_report(f"graftline: {name} v{version}", verdict, tables, figures)
         mlflow.log_text(page, "report/report.html")
         mlflow.log_artifact(str(per_class_png), "report")
-    lines = ["", "## Per-class accuracy", "", "| class | " + " | ".join(per_class) + " |"]
-    lines.append("|---" * (1 + len(per_class)) + "|")
-    lines += ["| " + " | ".join([r[0], *(f"{v:.4f}" for v in r[1:])]) + " |" for r in rows]
+    lines = [
+        "",
+        "## Per-class accuracy",
+        "",
+        *_markdown_table(
+            ["class", *per_class], [[r[0], *(f"{v:.4f}" for v in r[1:])] for r in rows]
+        ),
+    ]
     if efficiency is not None:
-        lines += ["", "## Label efficiency (test accuracy)", ""]
-        lines.append("| labels per class | finetuned | scratch | svc |")
-        lines.append("|---|---|---|---|")
         lines += [
-            f"| {r.labels_per_class} ({r.train_labels}) | {r.finetuned_accuracy:.4f} | "
-            f"{r.scratch_accuracy:.4f} | {r.svc_accuracy:.4f} |"
-            for r in efficiency.itertuples()
+            "",
+            "## Label efficiency (test accuracy)",
+            "",
+            *_markdown_table(
+                ["labels per class", "finetuned", "scratch", "svc"],
+                [
+                    [
+                        f"{r.labels_per_class} ({r.train_labels})",
+                        *(
+                            f"{v:.4f}"
+                            for v in (r.finetuned_accuracy, r.scratch_accuracy, r.svc_accuracy)
+                        ),
+                    ]
+                    for r in efficiency.itertuples()
+                ],
+            ),
         ]
     lines += ["", f"Figures: MLflow run {packaged.run_id}, artifact `report/report.html`."]
     return "\n".join(lines) + "\n"
@@ -249,20 +276,8 @@ def model_card(
         "",
         "**Test figures** (the task's test split; the champion re-scored on the same items).",
         "",
-        "| model | accuracy | macro-F1 | ECE |",
-        "|---|---|---|---|",
+        *_markdown_table(FIGURES_HEADER, figure_rows(metrics, decision)),
     ]
-    for m in ("finetuned", "scratch", "svc"):
-        if m in metrics:
-            r = metrics[m]
-            label = f"{m} (this version)" if m == "finetuned" else m
-            lines.append(
-                f"| {label} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['ece']:.4f} |"
-            )
-    if decision.champion_accuracy is not None:
-        lines.append(
-            f"| champion v{decision.champion_version} | {decision.champion_accuracy:.4f} | | |"
-        )
     verdict = "promoted to champion" if promoted else "not promoted"
     lines += [
         "",

@@ -69,8 +69,19 @@ def sh(args: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess
 
 def graftline(repo: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     """`graftline ARGS` in ``repo``, to the end, as a user runs it; output captured."""
+    return _module(repo, env, "graftline.cli", args)
+
+
+def dvc(repo: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """`dvc ARGS` in ``repo`` with exactly ``env``; output captured."""
+    return _module(repo, env, "dvc", args)
+
+
+def _module(
+    repo: Path, env: dict[str, str], module: str, args: tuple[str, ...]
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "graftline.cli", *args],
+        [sys.executable, "-m", module, *args],
         cwd=repo,
         env=env,
         capture_output=True,

@@ -25,7 +25,15 @@ import pytest
 import torch
 
 from graftline.errors import ArtifactError
-from tests.conftest import TINY_PARAMS, blob_digits, free_port, graftline, make_repo, tool_env
+from tests.conftest import (
+    TINY_PARAMS,
+    blob_digits,
+    dvc,
+    free_port,
+    graftline,
+    make_repo,
+    tool_env,
+)
 
 EPOCHS = 150  # pretraining long enough to be interrupted mid-way (~5 s on 2 cores)
 PARAMS = copy.deepcopy(TINY_PARAMS)
@@ -137,13 +145,7 @@ def test_interrupted_run_stops_cleanly_and_resumes_to_the_same_weights(
     assert not (repo / "models/pretrained/model.pt").exists()
     assert list((repo / ".graftline/checkpoints").rglob("*.pt")), "no resume checkpoint"
     # DVC's lock is free: status answers and says pretraining must run again.
-    status = subprocess.run(
-        [sys.executable, "-m", "dvc", "status", "pretrain"],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    status = dvc(repo, env, "status", "pretrain")
     assert status.returncode == 0, status.stderr
     assert "pretrain" in status.stdout
     # After kill -9, DVC itself drops the dead pid from its read/write lock (it says so).
@@ -346,13 +348,7 @@ def test_unreachable_remote_unchanged_rerun_corrupted_cache(tmp_path: Path) -> N
     again = run()
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert re.search(r"dvc push: [1-9]\d* file\(s\) sent", again.stdout + again.stderr)
-    status = subprocess.run(
-        [sys.executable, "-m", "dvc", "status", "--cloud"],
-        cwd=repo,
-        env=sh_env,
-        capture_output=True,
-        text=True,
-    )
+    status = dvc(repo, sh_env, "status", "--cloud")
     assert "in sync" in status.stdout, status.stdout + status.stderr
     assert [str(v.version) for v in client.search_model_versions("name = 'tiny-digits'")] == ["1"]
 
@@ -379,12 +375,9 @@ def test_unreachable_remote_unchanged_rerun_corrupted_cache(tmp_path: Path) -> N
     damaged[len(damaged) // 2] ^= 0xFF  # one flipped byte inside the weights
     cached.write_bytes(bytes(damaged))
     model.unlink()
-    dvc = [sys.executable, "-m", "dvc"]
-    subprocess.run([*dvc, "checkout", "models/finetuned"], cwd=repo, env=sh_env, check=True)
+    assert dvc(repo, sh_env, "checkout", "models/finetuned").returncode == 0
     assert hashlib.md5(model.read_bytes()).hexdigest() != good  # the damage is in place
-    status = subprocess.run(
-        [*dvc, "status", "finetune"], cwd=repo, env=sh_env, capture_output=True, text=True
-    )
+    status = dvc(repo, sh_env, "status", "finetune")
     assert "not in cache" in status.stdout, status.stdout
     rebuilt = run()
     assert rebuilt.returncode == 0, rebuilt.stdout[-3000:] + rebuilt.stderr[-3000:]

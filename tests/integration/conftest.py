@@ -45,12 +45,35 @@ def write_model(root: Path, model: torch.nn.Module, dead_classes: list[int]) -> 
         state["head.bias"][k] = -1e4
     net = build_classifier(MODEL, 1, 28, 3)
     net.load_state_dict(state)
+    _save(root, net, MODEL)
+
+
+def train_and_write(
+    root: Path,
+    model_cfg: dict,
+    train: Dataset,
+    val: Dataset,
+    epochs: int,
+    transform: dict | None = None,
+) -> None:
+    """A seeded classifier of ``model_cfg`` trained on ``train``, written where `finetune`
+    writes its model (with ``transform`` as its recorded input transform)."""
+    torch.manual_seed(0)
+    model = build_classifier(model_cfg, 1, 28, 3)
+    fit(model, train, val, TrainConfig(epochs=epochs, batch_size=16, lr=3e-3), seed=0)
+    _save(root, model, model_cfg, transform)
+
+
+def _save(
+    root: Path, model: torch.nn.Module, model_cfg: dict, transform: dict | None = None
+) -> None:
     save_checkpoint(
         root / paths.FINETUNED / paths.MODEL_FILE,
-        net,
-        model_config=MODEL,
+        model,
+        model_config=model_cfg,
         classes=["0", "1", "2"],
         input_shape=(1, 28, 28),
+        transform=transform,
     )
 
 

@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from flows.server import TemporaryServer
-from tests.conftest import TINY_PARAMS, make_repo, prefect_server, tool_env
+from tests.conftest import TINY_PARAMS, dvc, make_repo, prefect_server, tool_env
 
 CRON = "15 4 * * 2"
 DEPLOYMENT = "graftline-pipeline/scheduled-retraining"
@@ -254,11 +254,5 @@ def test_scheduled_deployment_runs_through_the_api(server: str, tmp_path: Path) 
     # The run really retrained, registered and pushed.
     assert (repo / "dvc.lock").exists() and (repo / "models/finetuned/model.pt").exists()
     assert any(remote.rglob("*")), "nothing pushed to the DVC remote"
-    status = subprocess.run(
-        [sys.executable, "-m", "dvc", "status", "--cloud"],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    status = dvc(repo, env, "status", "--cloud")
     assert "in sync" in status.stdout

@@ -18,7 +18,13 @@ from PIL import Image
 from graftline.registry import Registry
 from graftline.serve.app import create_app
 from graftline.serve.champion import ChampionFollower
-from tests.integration.conftest import blobs, deploy_once, graftline_cli, write_model
+from tests.integration.conftest import (
+    blobs,
+    deploy_once,
+    graftline_cli,
+    train_and_write,
+    write_model,
+)
 
 
 def client_for(root: Path, token: str | None = None, **kw: int) -> TestClient:
@@ -202,12 +208,9 @@ def test_digits_drawn_small_and_off_centre_are_read_as_training_saw_them(
     """Issue 13: the model carries its input transform (here: crop to the ink, scale into
     20x20, centre by mass) from its training data to the checkpoint and the registry, and the
     service and batch prediction apply it; a digit drawn small in a corner reads right."""
-    from graftline.config import TrainConfig
     from graftline.data.dataset import Dataset
     from graftline.data.store import save_splits
     from graftline.data.transforms import apply_geometry, geometry
-    from graftline.models import build_classifier, save_checkpoint
-    from graftline.train import fit
     from tasks import paths
     from tests.integration.conftest import MODEL
 
@@ -218,17 +221,7 @@ def test_digits_drawn_small_and_off_centre_are_read_as_training_saw_them(
         ds = blobs(n, seed)
         return Dataset(apply_geometry(ds.images, box), ds.labels, ds.classes, ds.source)
 
-    torch.manual_seed(0)
-    model = build_classifier(MODEL, 1, 28, 3)
-    fit(model, boxed(30, 0), boxed(10, 1), TrainConfig(epochs=4, batch_size=16, lr=3e-3), seed=0)
-    save_checkpoint(
-        sqlite_root / paths.FINETUNED / paths.MODEL_FILE,
-        model,
-        model_config=MODEL,
-        classes=["0", "1", "2"],
-        input_shape=(1, 28, 28),
-        transform=box,
-    )
+    train_and_write(sqlite_root, MODEL, boxed(30, 0), boxed(10, 1), epochs=4, transform=box)
     save_splits(sqlite_root / paths.TASK_DATA, {"test": boxed(40, 7)}, {})
     version = deploy_once(sqlite_root)["version"]
 
@@ -268,24 +261,11 @@ def test_a_vision_transformer_goes_through_registry_and_service_like_the_cnn(
 ) -> None:
     """Issue 10, part 1: `arch: vit` needs no special case in the checkpoint, the MLflow
     model (scored through pyfunc by the gate), the card or the service."""
-    from graftline.config import TrainConfig
-    from graftline.models import build_classifier, save_checkpoint
-    from graftline.train import fit
-    from tasks import paths
 
     monkeypatch.delenv("GRAFTLINE_API_TOKEN", raising=False)
     vit = {"arch": "vit", "patch_size": 7, "dim": 32, "depth": 2, "heads": 4, "mlp_ratio": 2.0}
     vit |= {"dropout": 0.0, "pool": "mean"}
-    torch.manual_seed(0)
-    model = build_classifier(vit, 1, 28, 3)
-    fit(model, blobs(30, 0), blobs(10, 1), TrainConfig(epochs=8, batch_size=16, lr=3e-3), seed=0)
-    save_checkpoint(
-        sqlite_root / paths.FINETUNED / paths.MODEL_FILE,
-        model,
-        model_config=vit,
-        classes=["0", "1", "2"],
-        input_shape=(1, 28, 28),
-    )
+    train_and_write(sqlite_root, vit, blobs(30, 0), blobs(10, 1), epochs=8)
     deployed = deploy_once(sqlite_root)
     assert deployed["promoted"], deployed["decision"].reason  # the gate scored it via MLflow
     card = Registry("blobs").version(deployed["version"]).description
