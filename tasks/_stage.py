@@ -7,9 +7,13 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from graftline import tracking
 from graftline.config import ConfigError, Params, load_params
@@ -35,9 +39,37 @@ def _output_to_stage_log() -> None:
     sys.stdout.reconfigure(line_buffering=True)
 
 
+# What DVC may run a stage's command through (``$SHELL -c``, or ``/bin/sh -c`` when SHELL is
+# unset). bash execs a lone command, dash does not: the stage's parent is then the shell.
+_SHELLS = {"sh", "dash", "bash", "zsh", "ksh", "fish"}
+
+
+def _owner() -> psutil.Process | None:
+    """The process this stage works for: its parent, or the parent's parent when the parent
+    is only the shell that DVC ran the command through."""
+    try:
+        parent = psutil.Process().parent()
+        if parent is not None and parent.name() in _SHELLS:
+            parent = parent.parent() or parent
+    except psutil.Error:
+        return None
+    return parent
+
+
+def _watch(owner: psutil.Process, every: float = 0.5) -> None:
+    while owner.is_running():  # compares the start time too: a reused pid is not the owner
+        time.sleep(every)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _stop_with_parent() -> None:
-    """Ask Linux for SIGTERM when the process that started this stage dies (``kill -9`` of
-    the flow or of ``dvc repro``): a stage never trains on for nobody."""
+    """Stop (SIGTERM) when the process that started this stage dies (``kill -9`` of the
+    flow or of ``dvc repro``): a stage never trains on for nobody.
+
+    Linux sends the signal at once when the parent dies (``PR_SET_PDEATHSIG``). When DVC ran
+    the command through a shell that stays (dash), the parent is that shell, which outlives
+    the flow; a watcher thread then follows the shell's parent too.
+    """
     if not sys.platform.startswith("linux"):  # pragma: no cover
         return
     import ctypes
@@ -46,6 +78,10 @@ def _stop_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
     if os.getppid() == 1:  # the parent died before the call above
         os.kill(os.getpid(), signal.SIGTERM)
+        return
+    owner = _owner()
+    if owner is not None and owner.pid != os.getppid():
+        threading.Thread(target=_watch, args=(owner,), name="owner-watch", daemon=True).start()
 
 
 class _Bare(logging.Formatter):

@@ -114,7 +114,9 @@ def test_interrupted_run_stops_cleanly_and_resumes_to_the_same_weights(
 ) -> None:
     """Cases 1 and 3: SIGTERM or SIGKILL to `graftline run` while pretraining trains."""
     repo = make_repo(tmp_path / "repo", PARAMS)
-    env = _env(repo, tmp_path / "home")
+    # DVC runs a stage's command through $SHELL, /bin/sh when unset (as under CI). dash stays
+    # between DVC and the stage, so the stage's parent outlives the killed flow: the harder case.
+    env = _env(repo, tmp_path / "home", SHELL="/bin/sh")
     log = tmp_path / "first.log"
     run = _graftline(repo, env, "run", "--no-deploy", log=log)
     # One line per event on the console: time, the stage, its epoch line with the ETA.
