@@ -41,6 +41,16 @@ class _SourceBase(_Strict):
         "into a 20/28 box and centres it by mass (MNIST's geometry); resize scales the whole "
         "image. Recorded with the model: serving applies the same",
     )
+    labels: Literal["use", "ignore"] = Field(
+        default="use",
+        description="ignore: load the images only, as an unlabelled corpus (pretraining with "
+        "objective mae or contrastive)",
+    )
+
+    @property
+    def unlabelled(self) -> bool:
+        """Whether this source gives images without labels."""
+        return self.labels == "ignore"
 
 
 class MlxtendMnistSource(_SourceBase):
@@ -60,7 +70,16 @@ class IdxSource(_SourceBase):
 
     kind: Literal["idx"]
     images: str = Field(description="path to an idx3 images file (.gz allowed)")
-    labels: str = Field(description="path to the matching idx1 labels file (.gz allowed)")
+    labels: str | None = Field(  # type: ignore[assignment]
+        default=None,
+        description="path to the matching idx1 labels file (.gz allowed); none (or 'ignore') "
+        "for an unlabelled corpus",
+    )
+
+    @property
+    def unlabelled(self) -> bool:
+        return self.labels is None or self.labels == "ignore"
+
     test_images: str | None = Field(
         default=None, description="optional official test images; used as the test split"
     )
@@ -74,7 +93,8 @@ class IdxSource(_SourceBase):
 
 
 class FolderSource(_SourceBase):
-    """A class-per-folder image tree: ``root/<class>/<image>.png|jpg``."""
+    """A class-per-folder image tree, ``root/<class>/<image>.png|jpg``, or images directly
+    in ``root`` (no class folders) for an unlabelled corpus."""
 
     kind: Literal["folder"]
     path: str
@@ -114,6 +134,11 @@ class TaskData(_Strict):
 
     @model_validator(mode="after")
     def _fractions(self) -> TaskData:
+        if self.source.unlabelled:
+            raise ValueError(
+                "the task set needs labels (source.labels: ignore, or an IDX source without a "
+                "labels file, gives none)"
+            )
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must be below 1")
         if isinstance(self.labels_per_class, int) and self.labels_per_class < 1:
@@ -260,9 +285,28 @@ class PretrainParams(_Strict):
         return self
 
 
+class LoraConfig(_Strict):
+    """Low-rank adapters (Hu et al., 2021) on the ViT's projections (strategy: lora)."""
+
+    rank: int = Field(default=8, ge=1, description="rank r of each adapter (B @ A, r columns)")
+    alpha: float = Field(default=16.0, gt=0, description="the update is scaled by alpha / rank")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="on the adapter's input")
+    targets: list[Literal["qkv", "proj", "mlp"]] = Field(
+        default=["qkv", "proj", "mlp"],
+        min_length=1,
+        description="which linear layers get adapters: attention's qkv and output proj, the MLP",
+    )
+    train_norms: bool = Field(default=False, description="also train the LayerNorms")
+
+
 class FinetuneParams(_Strict):
     seed: int = 0
-    strategy: Literal["full", "linear_probe", "gradual"] = "gradual"
+    strategy: Literal["full", "linear_probe", "gradual", "lora"] = Field(
+        default="gradual",
+        description="full: everything trains; linear_probe: the head only; gradual: the head "
+        "first, then everything; lora: the head and low-rank adapters (merged on export)",
+    )
+    lora: LoraConfig = LoraConfig()
     head_epochs: int = Field(
         default=5, ge=0, description="gradual: epochs with the backbone frozen first"
     )
@@ -283,9 +327,32 @@ class FinetuneParams(_Strict):
 
     @model_validator(mode="after")
     def _decay(self) -> FinetuneParams:
-        if self.layer_decay is not None and self.strategy == "linear_probe":
-            raise ValueError("layer_decay applies to strategy full or gradual, not linear_probe")
+        if self.layer_decay is not None and self.strategy in ("linear_probe", "lora"):
+            raise ValueError(
+                f"layer_decay applies to strategy full or gradual, not {self.strategy}"
+            )
         return self
+
+
+class DistillParams(_Strict):
+    """Distillation (Hinton et al., 2015): the fine-tuned model labels the pretraining corpus
+    with soft targets and a student trains on them plus the labelled set."""
+
+    enabled: bool = Field(
+        default=False, description="off: the stage writes a note and the fine-tuned model deploys"
+    )
+    seed: int = 0
+    temperature: float = Field(default=2.0, gt=0, description="of the teacher's soft targets")
+    hard_weight: float = Field(
+        default=1.0, ge=0, description="weight of the labelled set's cross-entropy term"
+    )
+    corpus_limit: int | None = Field(
+        default=None, gt=0, description="use at most this many corpus images (seeded)"
+    )
+    model: ModelConfig | None = Field(
+        default=None, description="the student's architecture; default: the teacher's"
+    )
+    train: TrainConfig = TrainConfig()
 
 
 class SvcParams(_Strict):
@@ -319,8 +386,19 @@ class Params(_Strict):
     preprocess: PreprocessParams = PreprocessParams()
     pretrain: PretrainParams = PretrainParams()
     finetune: FinetuneParams = FinetuneParams()
+    distill: DistillParams = DistillParams()
     evaluate: EvaluateParams = EvaluateParams()
     deploy: DeployParams = DeployParams()
+
+    @model_validator(mode="after")
+    def _supervised_needs_labels(self) -> Params:
+        # A folder without class folders is found unlabelled only when read (tasks.pretrain).
+        if self.pretrain.objective == "supervised" and self.preprocess.pretrain.source.unlabelled:
+            raise ValueError(
+                "pretrain.objective: supervised needs labels, and preprocess.pretrain.source "
+                "gives none; use objective mae (arch vit) or contrastive"
+            )
+        return self
 
 
 def _format_error(path: Path, err: ValidationError) -> str:
@@ -332,7 +410,7 @@ def _format_error(path: Path, err: ValidationError) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"  {loc or '<root>'}: {msg}")
+        lines.append(f"  {loc}: {msg}" if loc else f"  {msg.removeprefix('Value error, ')}")
     return "\n".join(lines)
 
 

@@ -93,10 +93,13 @@ class SelfSupervised(nn.Module):
         *,
         x: torch.Tensor,
         y: torch.Tensor,
+        bank: tuple[torch.Tensor, torch.Tensor] | None = None,
+        query: tuple[torch.Tensor, torch.Tensor] | None = None,
         **_: Any,
     ) -> tuple[float, float]:
         """The loss on the validation split, and the k-NN accuracy of its features against
-        (up to 5,000 of) the training split's; labels serve the monitor only."""
+        (up to 5,000 of) the training split's; labels serve the monitor only. A corpus
+        without labels is monitored on a labelled ``bank`` and ``query`` set instead."""
         model.eval()
         self.eval()
         gen = torch.Generator().manual_seed(0)
@@ -104,9 +107,15 @@ class SelfSupervised(nn.Module):
         for i in range(0, len(xv), bs):
             xb = to_float(xv[i : i + bs])
             loss += self.batch_loss(model, xb, gen).item() * len(xb)
-        bank = torch.arange(len(x))[:: max(1, len(x) // 5000)]
+        bx, by = bank if bank is not None else (x, y)
+        qx, qy = query if query is not None else (xv, yv)
+        some = torch.arange(len(bx))[:: max(1, len(bx) // 5000)]
         return loss / len(xv), knn_accuracy(
-            features(model.backbone, x[bank]), y[bank], features(model.backbone, xv), yv, self.knn_k
+            features(model.backbone, bx[some]),
+            by[some],
+            features(model.backbone, qx),
+            qy,
+            self.knn_k,
         )
 
 

@@ -137,6 +137,7 @@ def fit(
     progress: bool | None = None,
     on_epoch_end: Callable[[dict[str, float]], None] | None = None,
     objective: Objective | None = None,
+    probe: tuple[Dataset, Dataset] | None = None,
 ) -> FitResult:
     """Train ``model`` in place and leave it holding the best validation weights.
 
@@ -154,6 +155,8 @@ def fit(
             (``graftline.objectives``; default: supervised cross-entropy). Its own
             parameters (a decoder) train beside the model and are saved in the resume
             checkpoint.
+        probe: labelled (bank, queries) for a self-supervised objective's k-NN monitor when
+            ``train`` and ``val`` have no labels (default: ``train`` and ``val`` themselves).
     Raises:
         TrainingError: the loss became NaN or infinite.
     """
@@ -174,6 +177,12 @@ def fit(
     if val is not None and len(val):
         xv = torch.from_numpy(np.ascontiguousarray(val.images))
         yv = torch.from_numpy(val.labels.astype(np.int64))
+    knn: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if probe is not None:
+        knn = {
+            name: (torch.from_numpy(np.ascontiguousarray(d.images)), torch.from_numpy(d.labels))
+            for name, d in zip(("bank", "query"), probe, strict=True)
+        }
     n = len(x)
     bs = min(cfg.batch_size, n)
     steps_per_epoch = math.ceil(n / bs)
@@ -289,7 +298,7 @@ def fit(
         if not objective.reports_train_acc:
             del record["train_acc"]
         if xv is not None:
-            vloss, vacc = objective.validate(model, xv, yv, x=x, y=y)
+            vloss, vacc = objective.validate(model, xv, yv, x=x, y=y, **knn)
             record.update({"val_loss": vloss, objective.val_acc_name: vacc})
             key = (vacc, -vloss)
             if best_key is None or key > best_key:

@@ -11,14 +11,19 @@ RAW = Path("data/raw")
 PROCESSED = Path("data/processed")
 PRETRAIN_DATA = PROCESSED / "pretrain"
 TASK_DATA = PROCESSED / "task"
+# Splits beside an unlabelled pretraining corpus: the task's labelled train and val splits,
+# which its k-NN monitor uses as bank and queries.
+PROBE_BANK, PROBE_QUERY = "probe_bank", "probe_query"
 MODELS = Path("models")
 PRETRAINED = MODELS / "pretrained"
 FINETUNED = MODELS / "finetuned"
 SCRATCH = MODELS / "scratch"
+STUDENT = MODELS / "student"
 MODEL_FILE = "model.pt"
 REPORTS = Path("reports")
 PRETRAIN_REPORT = REPORTS / "pretrain"
 FINETUNE_REPORT = REPORTS / "finetune"
+DISTILL_REPORT = REPORTS / "distill"
 EVALUATE_REPORT = REPORTS / "evaluate"
 METRICS = REPORTS / "metrics.json"
 # Resume checkpoints live outside DVC's outs: DVC deletes a stage's outs before re-running

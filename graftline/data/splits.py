@@ -16,9 +16,11 @@ def stratified_split(
     """Split into named parts; the first key takes what the other fractions leave.
 
     Every part must hold every class: a split without some class cannot be trained or scored
-    fairly, so that is an error that names the class.
+    fairly, so that is an error that names the class. A dataset without labels is split at
+    random (seeded).
     """
     names = list(fractions)
+    stratify = ds.labelled
     counts = ds.class_counts()
     need = len(names)
     problems = Problems(name)
@@ -36,7 +38,10 @@ def stratified_split(
         frac = fractions[part] / remaining
         try:
             rest, taken = train_test_split(
-                rest, test_size=frac, random_state=seed, stratify=ds.labels[rest]
+                rest,
+                test_size=frac,
+                random_state=seed,
+                stratify=ds.labels[rest] if stratify else None,
             )
         except ValueError as err:
             raise DataError(f"{name}: cannot make the {part!r} split: {err}") from None
@@ -44,6 +49,8 @@ def stratified_split(
         remaining -= fractions[part]
     parts[names[0]] = np.sort(rest)
     out = {p: ds.subset(parts[p]) for p in names}
+    if not stratify:
+        return out
     present_all = set(np.unique(ds.labels).tolist())
     for p, sub in out.items():
         missing = present_all - set(np.unique(sub.labels).tolist())

@@ -20,11 +20,16 @@ MANIFEST = "manifest.json"
 
 
 def save_splits(dest: Path | str, splits: dict[str, Dataset], extra: dict[str, Any]) -> dict:
-    """Write all splits and the manifest into ``dest`` atomically; return the manifest."""
+    """Write all splits and the manifest into ``dest`` atomically; return the manifest.
+
+    The first split's classes are the dataset's (none: unlabelled). A split with other
+    classes (the task's labelled probe beside an unlabelled corpus) records its own.
+    """
     first = next(iter(splits.values()))
     manifest: dict[str, Any] = {
         "format": "graftline.dataset/1",
         "classes": first.classes,
+        "labelled": first.labelled,
         "shape": list(first.images.shape[1:]),
         "source": first.source,
         "transform": first.transform,
@@ -41,6 +46,10 @@ def save_splits(dest: Path | str, splits: dict[str, Dataset], extra: dict[str, A
                 "per_class": ds.class_counts(),
                 "sha256": hash_arrays(ds.images, ds.labels),
             }
+            if ds.classes != first.classes:
+                manifest["splits"][name]["classes"] = ds.classes
+            if ds.transform != first.transform:
+                manifest["splits"][name]["transform"] = ds.transform
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
@@ -67,11 +76,12 @@ def load_split(root: Path | str, split: str) -> Dataset:
             images, labels, ids = z["images"], z["labels"], z["ids"].tolist()
     except (OSError, KeyError, ValueError) as err:
         raise ArtifactError(f"{path}: cannot read split ({err})") from None
-    transform = manifest.get("transform")
+    meta = manifest["splits"][split]
+    transform = meta.get("transform", manifest.get("transform"))
     return Dataset(
         images,
         labels,
-        list(manifest["classes"]),
+        list(meta.get("classes", manifest["classes"])),
         manifest["source"],
         ids,
         transform if isinstance(transform, dict) else {},

@@ -72,6 +72,8 @@ def validate(ds: Dataset, name: str) -> None:
     if ds.images.dtype.kind == "f" and not np.isfinite(ds.images).all():
         i = int(np.argwhere(~np.isfinite(ds.images.reshape(len(ds), -1)))[0, 0])
         raise DataError(f"{name}: {ds.ids[i]} contains NaN or Inf")
+    if not ds.labelled:  # a corpus without labels: nothing more to check
+        return
     bad = (ds.labels < 0) | (ds.labels >= len(ds.classes))
     if bad.any():
         i = int(np.argmax(bad))

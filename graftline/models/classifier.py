@@ -38,12 +38,15 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 
 
 class Classifier(nn.Module):
-    """``head(backbone(x))``; fine-tuning swaps the head and keeps the backbone."""
+    """``head(backbone(x))``; fine-tuning swaps the head and keeps the backbone. With no
+    classes (a backbone pretrained on a corpus without labels) the head is the identity."""
 
     def __init__(self, backbone: nn.Module, num_classes: int) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(backbone.out_features, num_classes)
+        self.head: nn.Module = (
+            nn.Linear(backbone.out_features, num_classes) if num_classes else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))

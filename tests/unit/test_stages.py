@@ -10,7 +10,7 @@ import torch
 from graftline.config import ConfigError, Params, parse_params
 from graftline.data.dataset import Dataset
 from graftline.data.store import save_splits
-from graftline.errors import ArtifactError
+from graftline.errors import ArtifactError, DataError
 from graftline.models.checkpoint import read_checkpoint
 from tasks import finetune, pretrain
 from tests.conftest import blob_digits
@@ -151,3 +151,61 @@ def test_layer_decay_scales_each_vit_layer_by_its_depth() -> None:
         strategy_groups(cnn, p)
     with pytest.raises(ConfigError, match="layer_decay applies to strategy full or gradual"):
         parse_params({"finetune": {"strategy": "linear_probe", "layer_decay": 0.7}})
+
+
+def test_pretraining_on_a_corpus_without_labels(tmp_path: Path) -> None:
+    """A folder of images with no class folders: preprocess keeps the task's labelled splits
+    beside it for the k-NN monitor; contrastive pretraining reads no corpus label, reports
+    k-NN accuracy each epoch and saves a headless backbone that fine-tunes; supervised
+    pretraining on it fails naming the key."""
+    from PIL import Image
+
+    from graftline.data.store import load_split, read_manifest
+    from tasks import paths, preprocess
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    x, _ = blob_digits(10, classes=4, seed=5)
+    for i, img in enumerate(x):
+        Image.fromarray(img).save(corpus / f"{i:03}.png")
+    task, y = blob_digits(20, classes=3, seed=6)
+    rows = [",".join(map(str, [k, *img.ravel()])) for img, k in zip(task, y, strict=True)]
+    header = "label," + ",".join(f"p{i}" for i in range(task[0].size))
+    (tmp_path / "task.csv").write_text("\n".join([header, *rows]) + "\n")
+    raw = SIMCLR_PARAMS.model_dump(mode="json")
+    raw["preprocess"] = {
+        "image_size": 16,
+        "pretrain": {"source": {"kind": "folder", "path": str(corpus)}, "val_fraction": 0.25},
+        "task": {"source": {"kind": "csv", "path": str(tmp_path / "task.csv")}},
+    }
+    params = parse_params(raw)
+    preprocess.run(params, out=tmp_path / "processed")
+    data = tmp_path / "processed" / "pretrain"
+    manifest = read_manifest(data)
+    assert manifest["labelled"] is False and manifest["classes"] == []
+    assert manifest["splits"]["train"]["count"] == 30
+    bank = load_split(data, paths.PROBE_BANK)
+    assert bank.classes == ["0", "1", "2"] and (bank.labels >= 0).all()
+    assert (load_split(data, "train").labels == -1).all()
+
+    result = pretrain.run(
+        params, data=data, out=tmp_path / "pre", reports=tmp_path / "rp", checkpoints=tmp_path / "c"
+    )
+    history = result["history"][""]
+    assert len(history) == 2 and all(0 <= h["val_knn_acc"] <= 1 for h in history)
+    ckpt = read_checkpoint(tmp_path / "pre" / "model.pt")
+    assert ckpt["classes"] == [] and not any(k.startswith("head.") for k in ckpt["state_dict"])
+    finetune.run(
+        params,
+        data=tmp_path / "processed" / "task",
+        pretrained=tmp_path / "pre",
+        finetuned_out=tmp_path / "ft",
+        scratch_out=tmp_path / "sc",
+        reports=tmp_path / "rf",
+        checkpoints=tmp_path / "c",
+    )
+    assert read_checkpoint(tmp_path / "ft" / "model.pt")["classes"] == ["0", "1", "2"]
+
+    supervised = PARAMS.model_copy(update={"preprocess": params.preprocess})
+    with pytest.raises(DataError, match=r"pretrain\.objective: supervised needs labels.*folder:"):
+        pretrain.run(supervised, data=data, out=tmp_path / "p2", reports=tmp_path / "r2")
