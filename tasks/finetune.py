@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from graftline.config import FinetuneParams, Params
 from graftline.data.store import load_split, read_manifest
@@ -18,6 +19,7 @@ from graftline.errors import ArtifactError
 from graftline.io import write_json
 from graftline.models import Classifier, build_classifier, save_checkpoint
 from graftline.models.checkpoint import load_checkpoint
+from graftline.models.lora import add_adapters, merge_adapters
 from graftline.train import ParamGroup, fit
 from tasks import paths
 from tasks._stage import stage_main
@@ -32,9 +34,24 @@ def graft(pretrained: Classifier, num_classes: int) -> Classifier:
 
 
 def strategy_groups(model: Classifier, p: FinetuneParams) -> list[ParamGroup]:
-    """Parameter groups for ``full``, ``linear_probe`` or ``gradual`` fine-tuning, with
-    layer-wise LR decay over a layered backbone (the ViT) when ``layer_decay`` is set."""
+    """Parameter groups for ``full``, ``linear_probe``, ``gradual`` or ``lora`` fine-tuning,
+    with layer-wise LR decay over a layered backbone (the ViT) when ``layer_decay`` is set.
+
+    ``lora`` adds the adapters to ``model``'s backbone (in place) and freezes the rest of it:
+    the adapters (and the norms, if asked) train at the head's LR.
+    """
     head = ParamGroup("head", model.head)
+    if p.strategy == "lora":
+        cfg = p.lora
+        model.backbone.requires_grad_(False)
+        try:
+            layers = add_adapters(model.backbone, cfg.targets, cfg.rank, cfg.alpha, cfg.dropout)
+        except ValueError as err:
+            raise ArtifactError(f"finetune.strategy lora: {err}") from None
+        parts: list[nn.Module] = [layer.adapter for layer in layers]
+        if cfg.train_norms:
+            parts += [m for m in model.backbone.modules() if isinstance(m, nn.LayerNorm)]
+        return [ParamGroup("adapters", nn.ModuleList(parts)), head]
     if p.strategy == "linear_probe":
         return [ParamGroup("backbone", model.backbone, frozen_epochs=math.inf), head]
     frozen = p.head_epochs if p.strategy == "gradual" else 0
@@ -56,6 +73,21 @@ def strategy_groups(model: Classifier, p: FinetuneParams) -> list[ParamGroup]:
         )
         for i, module in enumerate(stack)
     ] + [head]
+
+
+def trainable_share(model: nn.Module, groups: list[ParamGroup] | None) -> dict[str, float]:
+    """How many of the model's parameters train (a part frozen throughout does not)."""
+    total = sum(t.numel() for t in model.parameters())
+    if groups is None:
+        trained = total
+    else:
+        trained = sum(
+            t.numel()
+            for g in groups
+            if not math.isinf(g.frozen_epochs)
+            for t in g.module.parameters()
+        )
+    return {"trainable_params": trained, "trainable_fraction": trained / total}
 
 
 def run(
@@ -108,7 +140,10 @@ def run(
             "val_acc": result.best_val_acc,
             "best_epoch": result.best_epoch,
             "epochs_run": len(result.history),
+            **trainable_share(model, groups),
         }
+        if merge_adapters(model):  # lora: the exported model is a plain one
+            log.info("%s: adapters merged into the weights", name)
         save_checkpoint(
             out / paths.MODEL_FILE,
             model,

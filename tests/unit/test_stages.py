@@ -68,6 +68,18 @@ MAE_PARAMS = parse_params(
 )
 
 
+LORA_PARAMS = parse_params(
+    {
+        **MAE_PARAMS.model_dump(mode="json"),
+        "finetune": {
+            **PARAMS.finetune.model_dump(mode="json"),
+            "strategy": "lora",
+            "lora": {"rank": 2, "dropout": 0.1},
+        },
+    }
+)
+
+
 SIMCLR_PARAMS = parse_params(
     {
         **PARAMS.model_dump(mode="json"),
@@ -82,8 +94,8 @@ SIMCLR_PARAMS = parse_params(
 
 @pytest.mark.parametrize(
     "params",
-    [PARAMS, VIT_PARAMS, MAE_PARAMS, SIMCLR_PARAMS],
-    ids=["cnn", "vit", "vit-mae", "cnn-contrastive"],
+    [PARAMS, VIT_PARAMS, MAE_PARAMS, LORA_PARAMS, SIMCLR_PARAMS],
+    ids=["cnn", "vit", "vit-mae", "vit-mae-lora", "cnn-contrastive"],
 )
 def test_pretrain_and_finetune_are_reproducible(tmp_path: Path, params: Params) -> None:
     save_splits(tmp_path / "pre", {"train": blobs(12, 0), "val": blobs(4, 1)}, {})
