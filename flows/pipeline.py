@@ -38,7 +38,7 @@ from tasks._stage import STAGE_LOG_ENV
 if TYPE_CHECKING:
     from tasks.deploy import Packaged
 
-STAGES = ("preprocess", "pretrain", "finetune", "evaluate")
+STAGES = ("preprocess", "pretrain", "finetune", "distill", "evaluate")
 PIPELINE_LOCK = processes.PIPELINE_LOCK
 
 
@@ -195,6 +195,11 @@ def finetune(root: Path, env: dict[str, str]) -> dict[str, Any]:
     return run_dvc_stage("finetune", root, env)
 
 
+@task(name="distill", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=_transient)
+def distill(root: Path, env: dict[str, str]) -> dict[str, Any]:
+    return run_dvc_stage("distill", root, env)
+
+
 @task(name="evaluate", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=_transient)
 def evaluate(root: Path, env: dict[str, str]) -> dict[str, Any]:
     out = run_dvc_stage("evaluate", root, env)
@@ -211,8 +216,8 @@ def package(
     from tasks import deploy as deploy_task
 
     params = load_params(params_path)
-    md5 = lineage.get("graftline.dvc.finetuned_model")
-    unchanged = deploy_task.already_registered(params, root, finetuned_md5=md5)
+    md5 = lineage.get(deploy_task.model_tag(params))
+    unchanged = deploy_task.already_registered(params, root, model_md5=md5)
     if unchanged is not None:
         return unchanged
     with tracking.stage_run(
@@ -319,9 +324,9 @@ def _pipeline(
     }
     packaging: PrefectFuture[Packaged | str] | None = None
     try:
-        stages = [t(root_path, env) for t in (preprocess, pretrain, finetune)]
+        stages = [t(root_path, env) for t in (preprocess, pretrain, finetune, distill)]
         if deploy_model:
-            # Packaging needs only finetune's outputs: it runs while evaluate does, and the
+            # Packaging needs only the deployed model: it runs while evaluate does, and the
             # registry changes only after evaluate has succeeded.
             lineage = tracking.lineage_tags(root_path, flow_run_id)
             packaging = package.submit(root_path, parent_id, params_path, lineage)

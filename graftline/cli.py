@@ -74,7 +74,7 @@ def run_summary(result: dict[str, Any], seconds: float, temporary_server: bool =
         f"from DVC's run cache: {named(lambda s: s.get('cached', False))}; "
         f"unchanged: {named(lambda s: not s['ran'] and not s.get('cached'))}",
     ]
-    for name in ("finetuned", "scratch", "svc"):
+    for name in ("finetuned", "student", "scratch", "svc"):
         m = result["metrics"].get(name)
         if m:
             lines.append(

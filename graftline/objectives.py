@@ -58,6 +58,50 @@ class Supervised(nn.Module):
         return loss / len(xv), correct / len(xv)
 
 
+class Distillation(Supervised):
+    """Knowledge distillation (Hinton et al., 2015) for a student: items ``0..N-1`` of the
+    training set carry a teacher's soft targets (probabilities at ``temperature``), the items
+    after them a hard label. The batch's labels are item indices into those tables.
+
+    Soft items: KL divergence between the teacher's and the student's softened distributions,
+    times ``temperature**2`` (so gradients keep their scale); hard items: cross-entropy,
+    weighted by ``hard_weight``. Validation is the student's accuracy on real labels.
+    """
+
+    reports_train_acc = False
+
+    def __init__(
+        self,
+        soft_targets: torch.Tensor,
+        hard_labels: torch.Tensor,
+        temperature: float = 2.0,
+        hard_weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("soft", soft_targets.float(), persistent=False)
+        self.register_buffer("hard", hard_labels.long(), persistent=False)
+        self.temperature, self.hard_weight = temperature, hard_weight
+
+    def step(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, None]:
+        logits = model(x)
+        n_soft = len(self.soft)
+        soft_items, hard_items = y < n_soft, y >= n_soft
+        loss = logits.new_zeros(())
+        if soft_items.any():
+            t = self.temperature
+            log_p = F.log_softmax(logits[soft_items] / t, dim=1)
+            kl = F.kl_div(log_p, self.soft[y[soft_items]], reduction="sum")
+            loss = loss + kl * t * t
+        if hard_items.any():
+            ce = F.cross_entropy(
+                logits[hard_items], self.hard[y[hard_items] - n_soft], reduction="sum"
+            )
+            loss = loss + self.hard_weight * ce
+        return loss / len(y), None
+
+
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     """``(B, C, H, W)`` to ``(B, (H/p)*(W/p), p*p*C)``, row by row as the patch embedding."""
     b, c, h, w = x.shape
@@ -249,4 +293,6 @@ def knn_accuracy(
     return float((votes.argmax(1) == query_y).float().mean())
 
 
-Objective = Supervised | MaskedAutoencoder | Contrastive  # what graftline.train.fit takes
+Objective = (
+    Supervised | MaskedAutoencoder | Contrastive | Distillation
+)  # what graftline.train.fit takes

@@ -3,7 +3,7 @@
 A version carries the git commit it was made from and the ``dvc.lock`` hashes of its data,
 backbone and weights (``graftline.tracking.lineage_tags``), and its params. ``reproduce``
 checks that commit out in a fresh git worktree, brings its DVC-tracked inputs from the cache
-or the remote, runs the pipeline up to ``finetune`` from scratch (no run-cache, every stage
+or the remote, runs the pipeline up to ``finetune`` (``distill`` when on) from scratch (no run-cache, every stage
 forced), and compares what it rebuilt with what was registered: data and backbone hashes,
 params, and the weights, byte for byte. Nothing in the checkout or its tracking store changes:
 the rebuild logs to a store of its own inside the worktree, which is removed afterwards.
@@ -33,6 +33,7 @@ HASHED = [
     ("pretraining data", "graftline.dvc.pretrain_data", ("preprocess", "data/processed/pretrain")),
     ("pretrained backbone", "graftline.dvc.pretrained_backbone", ("pretrain", "models/pretrained")),
     ("fine-tuned model", "graftline.dvc.finetuned_model", ("finetune", "models/finetuned")),
+    ("student model", "graftline.dvc.student_model", ("distill", "models/student")),
 ]
 
 
@@ -185,9 +186,13 @@ def reproduce(
                     f"the data of {name} v{version} is in neither the DVC cache nor the "
                     f"remote ({', '.join(tracked)}):\n{proc.stderr.strip()[-2000:]}"
                 )
-        log("running the pipeline up to finetune from scratch (dvc repro --force)")
+        # The registered model is the student when that commit's params distil, else the
+        # fine-tuned model.
+        distilled = load_params(tree / "params.yaml").distill.enabled
+        target, folder = ("distill", "student") if distilled else ("finetune", "finetuned")
+        log(f"running the pipeline up to {target} from scratch (dvc repro --force)")
         proc = subprocess.run(
-            [*dvc, "repro", "--force", "--no-run-cache", "finetune"],
+            [*dvc, "repro", "--force", "--no-run-cache", target],
             cwd=tree,
             env=env,
             capture_output=True,
@@ -199,14 +204,14 @@ def reproduce(
             )
         lock = yaml.safe_load((tree / "dvc.lock").read_text())
         for what, tag, (stage, out) in HASHED:
-            if tag in tags:
+            if tag in tags and (stage != "distill" or distilled):
                 report.checks.append(Check(what, tags[tag], _lock_md5(lock, stage, out)))
         if "graftline.params" in tags:
             params = load_params(tree / "params.yaml").model_dump(mode="json")
             report.checks.append(
                 Check("params", "same", _params_diff(tags["graftline.params"], params))
             )
-        rebuilt = tree / "models" / "finetuned" / "model.pt"
+        rebuilt = tree / "models" / folder / "model.pt"
         report.checks.append(Check("weights", _sha256(registered_ckpt), _sha256(rebuilt)))
         if not report.checks[-1].ok:
             report.notes.append(_weights_diff(registered_ckpt, rebuilt))

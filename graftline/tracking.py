@@ -35,6 +35,7 @@ LINEAGE_OUTS = {
     "graftline.dvc.pretrain_data": ("preprocess", "data/processed/pretrain"),
     "graftline.dvc.pretrained_backbone": ("pretrain", "models/pretrained"),
     "graftline.dvc.finetuned_model": ("finetune", "models/finetuned"),
+    "graftline.dvc.student_model": ("distill", "models/student"),
 }
 
 
@@ -169,7 +170,8 @@ def git_commit(root: Path | str = ".") -> str:
 
 
 def dvc_lock_hashes(root: Path | str = ".") -> dict[str, str]:
-    """The md5 of the task data, pretraining data, backbone and fine-tuned model in dvc.lock."""
+    """The md5 of the task data, pretraining data, backbone, fine-tuned model and student (a
+    note when distillation is off) in dvc.lock."""
     lock_path = Path(root) / "dvc.lock"
     try:
         lock = yaml.safe_load(lock_path.read_text()) or {}

@@ -84,13 +84,16 @@ def _lr_factor(schedule: str, step: int, total: int) -> float:
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Class probabilities for ``(N, C, H, W)`` pixels in [0, 255], uint8 or float."""
+def predict_proba(
+    model: nn.Module, images: np.ndarray, batch_size: int = 1024, temperature: float = 1.0
+) -> np.ndarray:
+    """Class probabilities for ``(N, C, H, W)`` pixels in [0, 255], uint8 or float; softened
+    by ``temperature`` (a distillation teacher's soft targets) when above 1."""
     model.eval()
     x = torch.from_numpy(np.ascontiguousarray(images))
     # not to_float: that divides in place, and float input shares the caller's memory
     out = [
-        F.softmax(model(x[i : i + batch_size].float() / 255.0), dim=1)
+        F.softmax(model(x[i : i + batch_size].float() / 255.0) / temperature, dim=1)
         for i in range(0, len(x), batch_size)
     ]
     return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)

@@ -40,6 +40,21 @@ def _requirements() -> list[str]:
     return pins
 
 
+def deployed(params: Params) -> tuple[str, Path]:
+    """Which model deploys: the distilled student when distillation is on, else the
+    fine-tuned model; its name in the evaluation metrics and its folder."""
+    if params.distill.enabled:
+        return "student", paths.STUDENT
+    return "finetuned", paths.FINETUNED
+
+
+def model_tag(params: Params) -> str:
+    """The lineage tag holding the dvc.lock hash of the model that deploys."""
+    return (
+        "graftline.dvc.student_model" if params.distill.enabled else "graftline.dvc.finetuned_model"
+    )
+
+
 def log_model(checkpoint: Path, example: np.ndarray) -> Any:
     """Log a checkpoint as an MLflow pyfunc model (models from code; no pickle on load)."""
     import mlflow
@@ -72,7 +87,7 @@ def figure_rows(metrics: dict[str, Any], decision: GateDecision) -> list[list[st
     items: the rows of the report's, the card's and the HTML page's table."""
     rows = [
         [m, *(f"{metrics[m][k]:.4f}" for k in ("accuracy", "macro_f1", "ece"))]
-        for m in ("finetuned", "scratch", "svc")
+        for m in ("finetuned", "student", "scratch", "svc")
         if m in metrics
     ]
     if decision.champion_accuracy is not None:
@@ -227,7 +242,8 @@ def model_card(
     from graftline.data.store import read_manifest
     from graftline.models.checkpoint import input_transform, load_checkpoint
 
-    model, ckpt = load_checkpoint(root / paths.FINETUNED / paths.MODEL_FILE)
+    name, folder = deployed(params)
+    model, ckpt = load_checkpoint(root / folder / paths.MODEL_FILE)
     n_params = sum(p.numel() for p in model.parameters())
     arch = ", ".join(f"{k}={v}" for k, v in ckpt["model_config"].items())
     tf = input_transform(ckpt)
@@ -239,13 +255,19 @@ def model_card(
         "**Model.** "
         f"Backbone `{ckpt['model_config'].get('arch', '?')}` ({arch}), {n_params:,} parameters, "
         f"{len(ckpt['classes'])} classes ({', '.join(ckpt['classes'])}). Pretrained "
-        + (
-            "without labels (masked autoencoding) "
-            if params.pretrain.objective == "mae"
-            else "with labels (supervised) "
-        )
+        + {
+            "mae": "without labels (masked autoencoding) ",
+            "contrastive": "without labels (contrastive, SimCLR) ",
+        }.get(params.pretrain.objective, "with labels (supervised) ")
         + f"for {params.pretrain.train.epochs} epochs, then a new head grafted on and "
-        f"fine-tuned with strategy `{ft.strategy}` for {ft.train.epochs} epochs.",
+        f"fine-tuned with strategy `{ft.strategy}` for {ft.train.epochs} epochs"
+        + (
+            f"; this is the student distilled from that model on the corpus's soft targets "
+            f"(T={params.distill.temperature}) and the labels, "
+            f"{params.distill.train.epochs} epochs."
+            if name == "student"
+            else "."
+        ),
         f"Input: {shape} images; transform `{tf['fit']}` "
         + (
             "(crop to the ink, scale into a box, centre by mass)"
@@ -299,20 +321,21 @@ def model_card(
 
 
 def already_registered(
-    params: Params, root: Path = Path("."), finetuned_md5: str | None = None
+    params: Params, root: Path = Path("."), model_md5: str | None = None
 ) -> str | None:
-    """The version already registered from the current fine-tuned model (by its dvc.lock
-    hash, read from ``root`` unless given), if any: re-registering an unchanged model would
-    only add a duplicate version."""
+    """The version already registered from the current deployed model (fine-tuned or
+    student, by its dvc.lock hash, read from ``root`` unless given), if any: re-registering
+    an unchanged model would only add a duplicate version."""
     from mlflow import MlflowClient
 
     tracking.configure(root)
-    md5 = finetuned_md5 or tracking.dvc_lock_hashes(root).get("graftline.dvc.finetuned_model")
+    tag = model_tag(params)
+    md5 = model_md5 or tracking.dvc_lock_hashes(root).get(tag)
     if not md5:
         return None
     name = params.deploy.model_name
     for mv in MlflowClient().search_model_versions(f"name = '{name}'"):
-        if mv.tags.get("graftline.dvc.finetuned_model") == md5:
+        if mv.tags.get(tag) == md5:
             return str(mv.version)
     return None
 
@@ -341,9 +364,10 @@ def package(params: Params, root: Path = Path(".")) -> Packaged:
     """
     import mlflow
 
-    checkpoint = root / paths.FINETUNED / paths.MODEL_FILE
+    name, folder = deployed(params)
+    checkpoint = root / folder / paths.MODEL_FILE
     if not checkpoint.exists():
-        raise ArtifactError(f"{checkpoint}: no fine-tuned model (run the pipeline first)")
+        raise ArtifactError(f"{checkpoint}: no {name} model (run the pipeline first)")
     test = load_split(root / paths.TASK_DATA, "test")
     truth = [test.classes[i] for i in test.labels]
     images = test.images.astype(np.float32)

@@ -1,4 +1,5 @@
-"""Stage ``evaluate``: score the fine-tuned model, the scratch baseline and an SVC on the test split."""
+"""Stage ``evaluate``: score the fine-tuned model (the teacher), the distilled student when
+distillation is on, the scratch baseline and an SVC on the test split, side by side."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from tasks._stage import stage_main
 
 log = logging.getLogger("graftline.evaluate")
 
-MODELS = {"finetuned": paths.FINETUNED, "scratch": paths.SCRATCH}
+MODELS = {"finetuned": paths.FINETUNED, "student": paths.STUDENT, "scratch": paths.SCRATCH}
 
 
 def run(
@@ -47,10 +48,13 @@ def run(
         "pretrain": paths.PRETRAIN_REPORT / "history.csv",
         "finetuned": paths.FINETUNE_REPORT / "finetuned_history.csv",
         "scratch": paths.FINETUNE_REPORT / "scratch_history.csv",
+        "student": paths.DISTILL_REPORT / "history.csv",
     }
     train, test = load_split(data, "train"), load_split(data, "test")
     probas: dict[str, np.ndarray] = {}
     for name, root in models.items():
+        if name == "student" and not (root / paths.MODEL_FILE).exists():
+            continue  # distillation is off
         model, ckpt = load_checkpoint(root / paths.MODEL_FILE)
         if ckpt["classes"] != test.classes:
             raise ArtifactError(
@@ -81,6 +85,7 @@ def run(
     )
     plot_reliability({n: (test.labels, pr) for n, pr in probas.items()}, report / "calibration.png")
     curves = {n: pd.read_csv(h) for n, h in histories.items() if Path(h).exists()}
+    curves = {n: c for n, c in curves.items() if len(c)}
     if curves:
         plot_learning_curves(curves, report / "learning_curves.png")
     summary = ", ".join(f"{n} acc={metrics[n]['accuracy']:.4f}" for n in probas)

@@ -11,7 +11,7 @@ from tasks import paths
 from tests.conftest import ROOT
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-STAGES = ["preprocess", "pretrain", "finetune", "evaluate"]
+STAGES = ["preprocess", "pretrain", "finetune", "distill", "evaluate"]
 
 
 def imported_project_files(stage: str) -> set[str]:

@@ -4,6 +4,7 @@ and reports the k-NN accuracy of its features."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,3 +131,109 @@ def test_nt_xent_is_low_when_twins_agree_and_high_when_they_do_not() -> None:
     agree = nt_xent(torch.cat([a, a]), temperature=0.1)
     swapped = nt_xent(torch.cat([a, a.roll(1, dims=0)]), temperature=0.1)
     assert agree < 0.01 < 5 < swapped
+
+
+def test_distillation_loss_is_the_softened_kl_plus_the_labels_cross_entropy() -> None:
+    from graftline.objectives import Distillation
+
+    torch.manual_seed(0)
+    teacher_logits = torch.randn(6, 3)
+    t = 3.0
+    soft = torch.softmax(teacher_logits / t, dim=1)
+    hard = torch.tensor([2, 0])
+    obj = Distillation(soft, hard, temperature=t, hard_weight=0.5)
+    gen = torch.Generator().manual_seed(0)
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, logits: torch.Tensor) -> None:
+            super().__init__()
+            self.logits = torch.nn.Parameter(logits.clone())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.logits
+
+    items = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])  # six soft items, then two labelled
+    student = torch.cat([teacher_logits, torch.randn(2, 3)])
+    loss, _ = obj.step(Fixed(student), torch.zeros(8, 1), items, gen)
+    ce = torch.nn.functional.cross_entropy(student[6:], hard, reduction="sum")
+    # A student that already matches the teacher pays only the labelled items' term.
+    torch.testing.assert_close(loss, 0.5 * ce / 8, atol=1e-5, rtol=1e-4)
+    shuffled = torch.cat([teacher_logits[[3, 4, 5, 0, 1, 2]], student[6:]])
+    worse, _ = obj.step(Fixed(shuffled), torch.zeros(8, 1), items, gen)
+    assert worse > loss + 0.01
+    worse.backward()
+
+
+def test_distill_stage_student_learns_the_teachers_soft_labels(tmp_path: Path) -> None:
+    """Stage-level: the student, a smaller CNN, sees one label per class but agrees with the teacher on
+    the corpus far beyond what those labels alone would give; off, the stage writes a note."""
+    from graftline.data.store import save_splits
+    from graftline.models import save_checkpoint
+    from graftline.models.checkpoint import read_checkpoint
+    from tasks import distill
+
+    k = 8  # bars 22.5 degrees apart: one label per class is not enough to tell them apart
+    names = [str(i) for i in range(k)]
+    x, y = blob_digits(30, classes=k, seed=0)
+    corpus = Dataset(x[:, None], y.astype(np.int64), names, "blobs")
+    save_splits(tmp_path / "pre", {"train": corpus, "val": corpus.subset(np.arange(10))}, {})
+    vx, vy = blob_digits(5, classes=k, seed=1)
+    val = Dataset(vx[:, None], vy.astype(np.int64), names, "blobs-val")
+    few = corpus.subset(np.arange(0, 30 * k, 30))
+    save_splits(tmp_path / "task", {"train": few, "val": val, "test": val}, {})
+    cnn = {"arch": "cnn", "channels": [8], "hidden": 16, "dropout": 0.0}
+    torch.manual_seed(0)
+    teacher = build_classifier(cnn, 1, 28, k)
+    fit(teacher, corpus, val, TrainConfig(epochs=4, batch_size=16, lr=0.01, num_threads=1), seed=0)
+    save_checkpoint(
+        tmp_path / "teacher" / "model.pt",
+        teacher,
+        model_config=cnn,
+        classes=names,
+        input_shape=(1, 28, 28),
+    )
+    student_cfg = {"arch": "cnn", "channels": [4], "hidden": 16, "dropout": 0.0}
+    params = parse_params(
+        {
+            "distill": {
+                "enabled": True,
+                "temperature": 2.0,
+                "model": student_cfg,
+                "train": {"epochs": 10, "batch_size": 16, "lr": 0.01, "num_threads": 1},
+            }
+        }
+    )
+    kw = {
+        "corpus": tmp_path / "pre",
+        "data": tmp_path / "task",
+        "teacher": tmp_path / "teacher",
+        "reports": tmp_path / "rep",
+        "checkpoints": tmp_path / "ck",
+    }
+    result = distill.run(params, out=tmp_path / "student", **kw)
+    assert result["metrics"]["corpus_images"] == 30 * k
+    assert result["metrics"]["labelled_images"] == k
+    assert result["metrics"]["student_teacher_size"] < 1
+    ckpt = read_checkpoint(tmp_path / "student" / "model.pt")
+    assert ckpt["model_config"]["channels"] == [4] and ckpt["stage"] == "distill"
+    from graftline.models.checkpoint import load_checkpoint
+    from graftline.train import predict_proba
+
+    student, _ = load_checkpoint(tmp_path / "student" / "model.pt")
+    ox, _ = blob_digits(10, classes=k, seed=7)  # images neither model trained on
+    agree = np.mean(
+        predict_proba(student, ox[:, None]).argmax(1)
+        == predict_proba(teacher, ox[:, None]).argmax(1)
+    )
+    assert agree > 0.75, (agree, result["metrics"])
+    torch.manual_seed(0)  # the same student trained on those labels alone does worse
+    alone = build_classifier(student_cfg, 1, 28, k)
+    fit(alone, few, val, params.distill.train, seed=0)
+    alone_agree = np.mean(
+        predict_proba(alone, ox[:, None]).argmax(1) == predict_proba(teacher, ox[:, None]).argmax(1)
+    )
+    assert alone_agree < agree - 0.1, (alone_agree, agree)
+
+    off = parse_params({})
+    distill.run(off, out=tmp_path / "off", **kw)
+    assert [p.name for p in (tmp_path / "off").iterdir()] == ["off.json"]
