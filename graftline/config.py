@@ -439,3 +439,54 @@ def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     return parse_params(data, path)
+
+
+def apply_preset(preset: Path | str, root: Path | str = ".") -> Path | None:
+    """Make ``preset`` (a params file such as ``params/vit-mae.yaml``) the checkout's
+    ``params.yaml``, which every DVC stage reads; returns where the previous one was kept,
+    or None when ``preset`` already is ``params.yaml``.
+
+    DVC tracks one params file per stage (``dvc.yaml``), so a preset is applied, not read
+    beside it: the change shows in ``git diff params.yaml`` and in ``dvc status``.
+    """
+    root = Path(root)
+    target = root / DEFAULT_PARAMS
+    preset = Path(preset)
+    if target.exists() and preset.resolve() == target.resolve():
+        return None
+    text = preset.read_text()
+    load_params(preset)  # a bad preset changes nothing
+    kept = root / ".graftline" / "params.previous.yaml"
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        kept.write_text(target.read_text())
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(target)
+    return kept
+
+
+def require_tracked_sections(path: Path | str, dvc_yaml: Path | str = "dvc.yaml") -> None:
+    """Fail, naming them, when ``path`` lacks a section that a stage of ``dvc_yaml`` tracks:
+    DVC refuses to run such a stage (after the stages before it have run), although the
+    schema has a default for every section.
+
+    Raises:
+        ConfigError: sections are missing.
+    """
+    path, dvc_yaml = Path(path), Path(dvc_yaml)
+    try:
+        stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
+        present = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return  # load_params and DVC report those
+    tracked = {
+        key for stage in stages.values() for key in stage.get("params", []) if isinstance(key, str)
+    }
+    missing = sorted(tracked - set(present))
+    if missing:
+        hint = " (`distill: {enabled: false}` keeps distillation off)" * ("distill" in missing)
+        raise ConfigError(
+            f"{path}: no section {', '.join(repr(m) for m in missing)}, which the stages in "
+            f"{dvc_yaml.name} track; add it{hint}"
+        )

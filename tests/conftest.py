@@ -40,6 +40,7 @@ TINY_PARAMS: dict[str, Any] = {
         "head_epochs": 1,
         "train": {"epochs": 3, "batch_size": 25, "lr": 0.003, "num_threads": 1},
     },
+    "distill": {"enabled": False},
     "evaluate": {"svc": {"C": 5.0}},
     "deploy": {"model_name": "tiny-digits", "gate": {"min_accuracy": 0.3}},
 }

