@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -151,6 +152,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny epoch counts")
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "few_labels.csv")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (models, splits)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -268,6 +270,10 @@ def main() -> None:
                 )
                 pd.DataFrame(rows).to_csv(args.out, index=False)
     report(pd.DataFrame(rows), args)
+    if args.keep:
+        print(f"kept {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _arch_only(base: Path, labelled: Dataset) -> Path:
