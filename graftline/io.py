@@ -10,6 +10,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -82,11 +83,26 @@ def atomic_dir(dest: Path | str) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def hash_arrays(*arrays: np.ndarray) -> str:
-    """sha256 over the dtype, shape and bytes of each array."""
+def hash_arrays(*arrays: np.ndarray, chunk_bytes: int = 64 << 20) -> str:
+    """sha256 over the dtype, shape and bytes of each array, read in chunks: a memory-mapped
+    array larger than memory is hashed without being loaded."""
     h = hashlib.sha256()
     for a in arrays:
-        a = np.ascontiguousarray(a)
         h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(a.tobytes())
+        if a.ndim == 0 or len(a) == 0:
+            h.update(np.ascontiguousarray(a).tobytes())
+            continue
+        rows = max(1, chunk_bytes // max(1, a[0].nbytes))
+        for i in range(0, len(a), rows):
+            h.update(np.ascontiguousarray(a[i : i + rows]).tobytes())
+        release(a)
     return h.hexdigest()
+
+
+def release(a: np.ndarray) -> None:
+    """Let the kernel drop the pages of a memory-mapped array from this process (they stay in
+    the page cache): reading a corpus larger than memory must not grow the resident set.
+    Nothing for an in-memory array."""
+    mm = getattr(a, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise"):
+        mm.madvise(mmap.MADV_DONTNEED)

@@ -30,7 +30,7 @@ from graftline.config import TrainConfig
 from graftline.data.dataset import Dataset
 from graftline.data.transforms import augment_batch
 from graftline.errors import TrainingError
-from graftline.io import atomic_path
+from graftline.io import atomic_path, release
 from graftline.objectives import Objective, Supervised, to_float
 
 log = logging.getLogger(__name__)
@@ -90,11 +90,15 @@ def predict_proba(
     """Class probabilities for ``(N, C, H, W)`` pixels in [0, 255], uint8 or float; softened
     by ``temperature`` (a distillation teacher's soft targets) when above 1."""
     model.eval()
-    x = torch.from_numpy(np.ascontiguousarray(images))
-    # not to_float: that divides in place, and float input shares the caller's memory
+    # a batch at a time from the array (memory-mapped or not); not to_float: that divides in
+    # place, and float input shares the caller's memory
     out = [
-        F.softmax(model(x[i : i + batch_size].float() / 255.0) / temperature, dim=1)
-        for i in range(0, len(x), batch_size)
+        F.softmax(
+            model(torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).float() / 255.0)
+            / temperature,
+            dim=1,
+        )
+        for i in range(0, len(images), batch_size)
     ]
     return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
 
@@ -174,7 +178,11 @@ def fit(
     layout = torch.channels_last if train.images.ndim == 4 else torch.contiguous_format
     model.to(memory_format=layout)
     groups = groups or [ParamGroup("model", model)]
-    x = torch.from_numpy(np.ascontiguousarray(train.images))
+    # A memory-mapped corpus (data.store.load_split(mmap=True)) stays on disk: each batch is
+    # read from it, and its pages are let go as the epoch goes (io.release), so a corpus
+    # larger than memory trains. An in-memory one is indexed as a tensor.
+    images = train.images
+    x = None if isinstance(images, np.memmap) else torch.from_numpy(np.ascontiguousarray(images))
     y = torch.from_numpy(train.labels.astype(np.int64))
     xv = yv = None
     if val is not None and len(val):
@@ -186,7 +194,11 @@ def fit(
             name: (torch.from_numpy(np.ascontiguousarray(d.images)), torch.from_numpy(d.labels))
             for name, d in zip(("bank", "query"), probe, strict=True)
         }
-    n = len(x)
+    n = len(images)
+    some = torch.arange(n)[:: max(1, n // 5000)]  # the k-NN monitor's bank, at most ~5,000
+    bank_x = x[some] if x is not None else torch.from_numpy(np.ascontiguousarray(images[some]))
+    bank_y = y[some]
+    read_bytes = 0
     bs = min(cfg.batch_size, n)
     steps_per_epoch = math.ceil(n / bs)
     total_steps = cfg.epochs * steps_per_epoch
@@ -265,7 +277,14 @@ def fit(
             for pg, base in zip(optimizer.param_groups, base_lrs, strict=True):
                 pg["lr"] = base * factor
             idx = perm[b * bs : (b + 1) * bs]
-            xb = to_float(x[idx])
+            if x is not None:
+                xb = to_float(x[idx])
+            else:
+                xb = to_float(torch.from_numpy(np.ascontiguousarray(images[idx.numpy()])))
+                read_bytes += xb.numel()
+                if read_bytes > 256 << 20:
+                    release(images)
+                    read_bytes = 0
             a = cfg.augment
             xb = augment_batch(xb, gen, a.shift, a.rotate, a.scale, a.lowres_prob, a.lowres_min)
             xb = xb.contiguous(memory_format=layout)
@@ -301,7 +320,7 @@ def fit(
         if not objective.reports_train_acc:
             del record["train_acc"]
         if xv is not None:
-            vloss, vacc = objective.validate(model, xv, yv, x=x, y=y, **knn)
+            vloss, vacc = objective.validate(model, xv, yv, x=bank_x, y=bank_y, **knn)
             record.update({"val_loss": vloss, objective.val_acc_name: vacc})
             key = (vacc, -vloss)
             if best_key is None or key > best_key:

@@ -35,7 +35,8 @@ def run(
     """Train backbone + pretraining head from scratch on the pretraining corpus."""
     p = params.pretrain
     manifest = read_manifest(data)
-    train, val = load_split(data, "train"), load_split(data, "val")
+    # The corpus stays on disk, memory-mapped: fit reads it a batch at a time.
+    train, val = load_split(data, "train", mmap=True), load_split(data, "val")
     probe = None
     if not train.labelled:
         if p.objective == "supervised":

@@ -1,7 +1,10 @@
-"""Processed datasets on disk: one ``<split>.npz`` per split plus ``manifest.json``.
+"""Processed datasets on disk: per split ``<split>.npy`` (the uint8 images) and
+``<split>.npz`` (labels and item ids), plus ``manifest.json``.
 
-The ``.npz`` files hold plain arrays (loaded with ``allow_pickle=False``); the manifest says
-what the data is: counts per class, shapes, classes, source and a content hash.
+The images are a plain ``.npy`` so that a corpus larger than memory can be memory-mapped and
+read batch by batch (``load_split(..., mmap=True)``); everything loads with
+``allow_pickle=False``. The manifest says what the data is: counts per class, shapes,
+classes, source and a content hash.
 """
 
 from __future__ import annotations
@@ -38,9 +41,8 @@ def save_splits(dest: Path | str, splits: dict[str, Dataset], extra: dict[str, A
     }
     with atomic_dir(dest) as tmp:
         for name, ds in splits.items():
-            np.savez(
-                tmp / f"{name}.npz", images=ds.images, labels=ds.labels, ids=np.array(ds.ids)
-            )
+            np.save(tmp / f"{name}.npy", np.ascontiguousarray(ds.images), allow_pickle=False)
+            np.savez(tmp / f"{name}.npz", labels=ds.labels, ids=np.array(ds.ids))
             manifest["splits"][name] = {
                 "count": len(ds),
                 "per_class": ds.class_counts(),
@@ -64,8 +66,10 @@ def read_manifest(root: Path | str) -> dict:
         raise ArtifactError(f"{path}: corrupt manifest ({err})") from None
 
 
-def load_split(root: Path | str, split: str) -> Dataset:
-    """Load one split written by :func:`save_splits`."""
+def load_split(root: Path | str, split: str, mmap: bool = False) -> Dataset:
+    """Load one split written by :func:`save_splits`; with ``mmap`` its images stay on disk,
+    memory-mapped, and are read where they are used (``graftline.train.fit`` reads them a
+    batch at a time)."""
     root = Path(root)
     manifest = read_manifest(root)
     path = root / f"{split}.npz"
@@ -73,9 +77,12 @@ def load_split(root: Path | str, split: str) -> Dataset:
         raise ArtifactError(f"{root}: no split {split!r} (have {sorted(manifest['splits'])})")
     try:
         with np.load(path, allow_pickle=False) as z:
-            images, labels, ids = z["images"], z["labels"], z["ids"].tolist()
+            labels, ids = z["labels"], z["ids"].tolist()
+        images = np.load(root / f"{split}.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
     except (OSError, KeyError, ValueError) as err:
         raise ArtifactError(f"{path}: cannot read split ({err})") from None
+    if len(images) != len(labels):
+        raise ArtifactError(f"{root}: split {split!r} has {len(images)} images, {len(labels)} labels")
     meta = manifest["splits"][split]
     transform = meta.get("transform", manifest.get("transform"))
     return Dataset(

@@ -64,9 +64,15 @@ def _boto_keys() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3]:
+    with moto_s3(tmp_path_factory.mktemp("moto")) as store:
+        yield store
+
+
+@contextlib.contextmanager
+def moto_s3(folder: Path) -> Iterator[S3]:
     """moto's S3 server on 127.0.0.1 and a free port."""
     port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    log = folder / "moto.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -89,12 +95,18 @@ def _pg_bin(name: str) -> str:
         iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))), None
     )
     if found is None:
-        pytest.fail(f"PostgreSQL's {name} not found (Debian: apt-get install postgresql)")
+        raise RuntimeError(f"PostgreSQL's {name} not found (Debian: apt-get install postgresql)")
     return found
 
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[str]:
+    with postgres_cluster() as uri:
+        yield uri
+
+
+@contextlib.contextmanager
+def postgres_cluster() -> Iterator[str]:
     """A throw-away PostgreSQL cluster in a temp folder, on loopback and a free port; yields a
     SQLAlchemy URI of an empty database. As root, the cluster runs as the `postgres` user
     (initdb refuses root)."""
