@@ -212,6 +212,18 @@ class Augment(_Strict):
     lowres_min: int = Field(default=8, ge=2, description="smallest side for lowres")
 
 
+class DistributedConfig(_Strict):
+    """Data-parallel training under ``torchrun`` (PyTorch DDP semantics: every rank holds
+    the same weights and averages its gradients with the others'; gloo on CPU)."""
+
+    nproc_per_node: int = Field(default=1, ge=1, description="processes (ranks) on this node")
+    nnodes: Literal[1] = Field(
+        default=1,
+        description="one node from the stage; across nodes, launch the stage with torchrun "
+        "yourself (docs/production.md)",
+    )
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(default=10, ge=1)
     batch_size: int = Field(default=128, ge=1)
@@ -229,6 +241,11 @@ class TrainConfig(_Strict):
     )
     num_threads: int | None = Field(default=None, ge=1, description="torch CPU threads")
     max_steps: int | None = Field(default=None, ge=1, description="smoke runs: stop after N steps")
+    distributed: DistributedConfig = Field(
+        default=DistributedConfig(),
+        description="nproc_per_node > 1: the stage runs under torchrun, each rank on a seeded "
+        "shard of every epoch; rank 0 alone writes checkpoints, outputs and MLflow logs",
+    )
 
 
 class MaeConfig(_Strict):

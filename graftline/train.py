@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from graftline import distributed
 from graftline.config import TrainConfig
 from graftline.data.dataset import Dataset
 from graftline.data.transforms import augment_batch
@@ -94,7 +95,9 @@ def predict_proba(
     # place, and float input shares the caller's memory
     out = [
         F.softmax(
-            model(torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).float() / 255.0)
+            model(
+                torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).float() / 255.0
+            )
             / temperature,
             dim=1,
         )
@@ -199,8 +202,12 @@ def fit(
     bank_x = x[some] if x is not None else torch.from_numpy(np.ascontiguousarray(images[some]))
     bank_y = y[some]
     read_bytes = 0
-    bs = min(cfg.batch_size, n)
-    steps_per_epoch = math.ceil(n / bs)
+    # Under torchrun each rank takes an equal, seeded shard of every epoch's permutation and
+    # a batch_size / world share of each batch (graftline.distributed).
+    world, rank = distributed.world_size(), distributed.rank()
+    shard = n // world if world > 1 else n
+    bs = min(max(1, cfg.batch_size // world), shard)
+    steps_per_epoch = math.ceil(shard / bs)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
@@ -220,6 +227,7 @@ def fit(
     if cfg.optimizer == "sgd":
         kwargs.update(momentum=0.9, nesterov=True)
     optimizer = opt_cls[cfg.optimizer](param_groups, lr=cfg.lr, **kwargs)
+    trainable = [t for g in param_groups for t in g["params"]]
     base_lrs = [g["lr"] for g in optimizer.param_groups]
 
     history: list[dict[str, float]] = []
@@ -261,6 +269,8 @@ def fit(
         torch.manual_seed(_seed_for(seed, epoch))
         gen = torch.Generator().manual_seed(_seed_for(seed, epoch) + 1)
         perm = torch.randperm(n, generator=gen)
+        if world > 1:
+            perm = perm[rank::world][:shard]
         run_loss, run_correct, seen = 0.0, 0, 0
         t0 = time.perf_counter()
         bar = tqdm(
@@ -298,6 +308,8 @@ def fit(
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if world > 1:
+                distributed.average_gradients(trainable)
             optimizer.step()
             step += 1
             run_loss += loss.item() * len(idx)
@@ -320,7 +332,16 @@ def fit(
         if not objective.reports_train_acc:
             del record["train_acc"]
         if xv is not None:
-            vloss, vacc = objective.validate(model, xv, yv, x=bank_x, y=bank_y, **knn)
+            if world > 1:  # rank 0 validates; every rank takes its decision from the figures
+                distributed.broadcast_buffers(model)
+                vloss, vacc = (
+                    objective.validate(model, xv, yv, x=bank_x, y=bank_y, **knn)
+                    if rank == 0
+                    else (0.0, 0.0)
+                )
+                vloss, vacc = distributed.broadcast_floats(vloss, vacc)
+            else:
+                vloss, vacc = objective.validate(model, xv, yv, x=bank_x, y=bank_y, **knn)
             record.update({"val_loss": vloss, objective.val_acc_name: vacc})
             key = (vacc, -vloss)
             if best_key is None or key > best_key:
@@ -349,7 +370,7 @@ def fit(
             " ".join(f"{k}={v:.4f}" for k, v in record.items() if k not in ("epoch", "seconds")),
             _duration(eta),
         )
-        if resume_path is not None:
+        if resume_path is not None and rank == 0:
             # Through a buffer: a full disk then fails in Python's write (ENOSPC, which
             # atomic_path reports) rather than deep in torch's zip writer.
             buf = io.BytesIO()
@@ -389,6 +410,6 @@ def fit(
         best_val_acc=best_key[0] if best_key else None,
         stopped_early=stopped_early,
         resumed_from=None if resumed_from is None else resumed_from + 1,
-        images_per_s=train_images / train_time if train_time else 0.0,
+        images_per_s=world * train_images / train_time if train_time else 0.0,
         steps=step,
     )

@@ -15,7 +15,7 @@ from typing import Any
 
 import psutil
 
-from graftline import tracking
+from graftline import distributed, tracking
 from graftline.config import ConfigError, Params, load_params
 from graftline.errors import GraftlineError
 
@@ -124,6 +124,63 @@ def stage_main(name: str, run: Callable[[Params], Any], argv: list[str] | None =
     except ConfigError as err:
         print(f"graftline {name}: error: {err}", file=sys.stderr)
         return 2
+    train_cfg = getattr(getattr(params, name), "train", None)
+    ranks = train_cfg.distributed.nproc_per_node if train_cfg is not None else 1
+    if ranks > 1 and "LOCAL_RANK" not in os.environ:
+        return _launch(name, ranks, args.params)
+    if distributed.init_from_env():
+        try:
+            return _rank_main(name, run, params)
+        finally:
+            distributed.shutdown()
+    return _main(name, run, params)
+
+
+def _launch(name: str, ranks: int, params_path: Path) -> int:
+    """This stage again, as ``ranks`` processes under ``torchrun`` on this node (a free
+    loopback port for the rendezvous); returns its exit status. torchrun stops every rank
+    when one fails, and prints which one and why."""
+    import subprocess
+
+    log.info("%s: starting %d ranks under torchrun", name, ranks)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc_per_node={ranks}", "-m", f"tasks.{name}", "--params", str(params_path)]
+    proc = subprocess.run(cmd)
+    if proc.returncode:
+        print(
+            f"graftline {name}: error: a rank failed (torchrun exit {proc.returncode})",
+            file=sys.stderr,
+        )
+    return 2 if proc.returncode else 0
+
+
+def _rank_main(name: str, run: Callable[[Params], Any], params: Params) -> int:
+    """One rank under torchrun: rank 0 runs the stage as a single process would (MLflow run,
+    outputs, log); the others train beside it, quietly, and write nothing."""
+    if distributed.is_main():
+        log.info(
+            "%s: world_size=%d (torchrun, %s)",
+            name,
+            distributed.world_size(),
+            "nccl" if _cuda() else "gloo",
+        )
+        return _main(name, run, params)
+    logging.getLogger().setLevel(logging.WARNING)
+    try:
+        run(params)
+    except GraftlineError as err:
+        print(f"graftline {name}: error (rank {distributed.rank()}): {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _main(name: str, run: Callable[[Params], Any], params: Params) -> int:
     # Every stage run is recorded in MLflow, under `dvc repro` as under the Prefect flow.
     with tracking.stage_run(name, getattr(params, name).model_dump()) as mlrun:
         try:

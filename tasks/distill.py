@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from graftline import distributed
 from graftline.config import Params
 from graftline.data.dataset import Dataset
 from graftline.data.store import load_split, read_manifest
@@ -114,6 +115,8 @@ def run(
         desc="student",
         objective=objective,
     )
+    if not distributed.is_main():  # under torchrun, rank 0 alone writes
+        return {}
     n_student = sum(t.numel() for t in student.parameters())
     n_teacher = sum(t.numel() for t in teacher_model.parameters())
     metrics = {

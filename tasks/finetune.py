@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from graftline import distributed
 from graftline.config import FinetuneParams, Params
 from graftline.data.store import load_split, read_manifest
 from graftline.errors import ArtifactError
@@ -144,6 +145,8 @@ def run(
         }
         if merge_adapters(model):  # lora: the exported model is a plain one
             log.info("%s: adapters merged into the weights", name)
+        if not distributed.is_main():  # under torchrun, rank 0 alone writes
+            continue
         save_checkpoint(
             out / paths.MODEL_FILE,
             model,
@@ -163,6 +166,8 @@ def run(
         shutil.rmtree(resume.parent, ignore_errors=True)
         log.info("%s: %s (%.0f images/s)", name, metrics, result.images_per_s)
         results[name] = {"metrics": metrics, "history": result.history}
+    if not distributed.is_main():
+        return {}
     write_json(reports / "metrics.json", {k: v["metrics"] for k, v in results.items()})
     return {
         "metrics": {k: v["metrics"] for k, v in results.items()},

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from graftline import distributed
 from graftline.config import Params
 from graftline.data.store import load_split, read_manifest
 from graftline.errors import DataError
@@ -81,6 +82,8 @@ def run(
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
     }
+    if not distributed.is_main():  # under torchrun, rank 0 alone evaluates and writes
+        return {}
     if "test" in manifest["splits"] and objective is None:  # an MAE's head never trained
         test = load_split(data, "test")
         pred = predict_proba(model, test.images).argmax(1)
