@@ -240,6 +240,12 @@ class TrainConfig(_Strict):
         "(AVX512-BF16, AMX), slower elsewhere",
     )
     num_threads: int | None = Field(default=None, ge=1, description="torch CPU threads")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="cpu",
+        description="where to train: cpu (the default, bit-reproducible), cuda, or auto (CUDA "
+        "when present); with cuda, batches go through pinned memory and precision bf16 "
+        "autocasts on the GPU",
+    )
     max_steps: int | None = Field(default=None, ge=1, description="smoke runs: stop after N steps")
     distributed: DistributedConfig = Field(
         default=DistributedConfig(),

@@ -76,6 +76,7 @@ def broadcast_floats(*values: float) -> tuple[float, ...]:
     """Rank 0's ``values`` on every rank."""
     if not active():
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    on = "cuda" if dist.get_backend() == "nccl" else "cpu"  # nccl moves CUDA tensors only
+    t = torch.tensor(values, dtype=torch.float64, device=on)
     dist.broadcast(t, 0)
     return tuple(t.tolist())

@@ -50,11 +50,13 @@ class Supervised(nn.Module):
         self, model: nn.Module, xv: torch.Tensor, yv: torch.Tensor, **_: Any
     ) -> tuple[float, float]:
         model.eval()
+        dev = next(model.parameters()).device
         loss, correct, bs = 0.0, 0, 1024
         for i in range(0, len(xv), bs):
-            logits = model(to_float(xv[i : i + bs]))
-            loss += F.cross_entropy(logits, yv[i : i + bs], reduction="sum").item()
-            correct += (logits.argmax(1) == yv[i : i + bs]).sum().item()
+            logits = model(to_float(xv[i : i + bs].to(dev)))
+            yb = yv[i : i + bs].to(dev)
+            loss += F.cross_entropy(logits, yb, reduction="sum").item()
+            correct += (logits.argmax(1) == yb).sum().item()
         return loss / len(xv), correct / len(xv)
 
 
@@ -147,9 +149,10 @@ class SelfSupervised(nn.Module):
         model.eval()
         self.eval()
         gen = torch.Generator().manual_seed(0)
+        dev = next(model.parameters()).device
         bs, loss = 512, 0.0
         for i in range(0, len(xv), bs):
-            xb = to_float(xv[i : i + bs])
+            xb = to_float(xv[i : i + bs].to(dev))
             loss += self.batch_loss(model, xb, gen).item() * len(xb)
         bx, by = bank if bank is not None else (x, y)
         qx, qy = query if query is not None else (xv, yv)
@@ -278,7 +281,8 @@ def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
 def features(backbone: nn.Module, x: torch.Tensor, bs: int = 1024) -> torch.Tensor:
     """L2-normalised backbone features of uint8 images."""
     backbone.eval()
-    out = [backbone(to_float(x[i : i + bs])) for i in range(0, len(x), bs)]
+    dev = next(backbone.parameters()).device
+    out = [backbone(to_float(x[i : i + bs].to(dev))) for i in range(0, len(x), bs)]
     return F.normalize(torch.cat(out), dim=1)
 
 
@@ -288,7 +292,8 @@ def knn_accuracy(
     """Accuracy of a cosine-similarity k-nearest-neighbour vote (weighted by similarity)."""
     k = min(k, len(bank))
     sim, idx = (query @ bank.T).topk(k, dim=1)
-    votes = torch.zeros(len(query), int(bank_y.max()) + 1)
+    bank_y, query_y = bank_y.to(query.device), query_y.to(query.device)
+    votes = torch.zeros(len(query), int(bank_y.max()) + 1, device=query.device)
     votes.scatter_add_(1, bank_y[idx], sim.clamp_min(0) + 1e-6)
     return float((votes.argmax(1) == query_y).float().mean())
 

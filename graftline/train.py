@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -84,6 +85,20 @@ def _lr_factor(schedule: str, step: int, total: int) -> float:
     return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * u))
 
 
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` (this rank's GPU under torchrun) or ``auto`` (CUDA when present).
+
+    Raises:
+        TrainingError: ``cuda`` was asked for and there is none.
+    """
+    has_cuda = torch.cuda.is_available()
+    if name == "cuda" and not has_cuda:
+        raise TrainingError("train.device: cuda, but PyTorch sees no CUDA device here")
+    if name == "cpu" or not has_cuda:
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
 @torch.no_grad()
 def predict_proba(
     model: nn.Module, images: np.ndarray, batch_size: int = 1024, temperature: float = 1.0
@@ -91,16 +106,18 @@ def predict_proba(
     """Class probabilities for ``(N, C, H, W)`` pixels in [0, 255], uint8 or float; softened
     by ``temperature`` (a distillation teacher's soft targets) when above 1."""
     model.eval()
+    dev = next(model.parameters()).device
     # a batch at a time from the array (memory-mapped or not); not to_float: that divides in
     # place, and float input shares the caller's memory
     out = [
         F.softmax(
             model(
-                torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).float() / 255.0
+                torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).to(dev).float()
+                / 255.0
             )
             / temperature,
             dim=1,
-        )
+        ).cpu()
         for i in range(0, len(images), batch_size)
     ]
     return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
@@ -172,14 +189,19 @@ def fit(
     """
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    torch.use_deterministic_algorithms(True)
+    device = resolve_device(cfg.device)
+    cuda = device.type == "cuda"
+    if cuda:  # cuBLAS is deterministic only with a fixed workspace, set before it starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # On CUDA a few ops (scatter_add in the k-NN monitor) have no deterministic kernel: warn.
+    torch.use_deterministic_algorithms(True, warn_only=cuda)
     # Deterministic mode also fills every new tensor with NaN to expose reads of
     # uninitialised memory; no op used here reads it, and the filling cost ~25% of a step.
     torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
     torch.manual_seed(seed)
     # NHWC: oneDNN's convolutions run about 1.5x faster on CPU than in NCHW.
     layout = torch.channels_last if train.images.ndim == 4 else torch.contiguous_format
-    model.to(memory_format=layout)
+    model.to(device=device, memory_format=layout)
     groups = groups or [ParamGroup("model", model)]
     # A memory-mapped corpus (data.store.load_split(mmap=True)) stays on disk: each batch is
     # read from it, and its pages are let go as the epoch goes (io.release), so a corpus
@@ -214,6 +236,7 @@ def fit(
     epochs = math.ceil(total_steps / steps_per_epoch)
 
     objective = objective if objective is not None else Supervised(cfg.label_smoothing)
+    objective.to(device)
     param_groups = [
         {"params": [p for p in g.module.parameters()], "lr": cfg.lr * g.lr_scale, "name": g.name}
         for g in groups
@@ -288,18 +311,22 @@ def fit(
                 pg["lr"] = base * factor
             idx = perm[b * bs : (b + 1) * bs]
             if x is not None:
-                xb = to_float(x[idx])
+                raw = x[idx]
             else:
-                xb = to_float(torch.from_numpy(np.ascontiguousarray(images[idx.numpy()])))
-                read_bytes += xb.numel()
+                raw = torch.from_numpy(np.ascontiguousarray(images[idx.numpy()]))
+                read_bytes += raw.numel()
                 if read_bytes > 256 << 20:
                     release(images)
                     read_bytes = 0
+            yb = y[idx]
+            if cuda:  # uint8 through pinned memory, converted and augmented on the GPU
+                raw = raw.pin_memory().to(device, non_blocking=True)
+                yb = yb.pin_memory().to(device, non_blocking=True)
+            xb = to_float(raw)
             a = cfg.augment
             xb = augment_batch(xb, gen, a.shift, a.rotate, a.scale, a.lowres_prob, a.lowres_min)
             xb = xb.contiguous(memory_format=layout)
-            yb = y[idx]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                 loss, predicted = objective.step(model, xb, yb, gen)
             if not torch.isfinite(loss):
                 raise TrainingError(
@@ -398,7 +425,8 @@ def fit(
 
     for g in groups:
         g.module.requires_grad_(True)
-    model.to(memory_format=torch.contiguous_format)  # checkpoints keep the usual layout
+    model.to(device="cpu", memory_format=torch.contiguous_format)  # checkpoints: CPU, usual layout
+    objective.to("cpu")
     if best_state is not None:
         model.load_state_dict(best_state)
     else:

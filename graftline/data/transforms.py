@@ -148,14 +148,14 @@ def augment_batch(
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack(
         [torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1
-    ).to(x.dtype)
+    ).to(device=x.device, dtype=x.dtype)  # drawn on the CPU generator, applied where x is
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, padding_mode="zeros", align_corners=False)
 
 
 def _lowres(x: torch.Tensor, generator: torch.Generator, prob: float, min_side: int) -> torch.Tensor:
     b, _, h, w = x.shape
-    pick = torch.rand(b, generator=generator) < prob
+    pick = (torch.rand(b, generator=generator) < prob).to(x.device)
     side = int(torch.randint(min_side, max(min_side + 1, h // 2 + 1), (1,), generator=generator))
     if not pick.any():
         return x

@@ -139,3 +139,32 @@ def test_trained_weights_come_back_in_the_usual_layout() -> None:
     fit(model, data(10, 0), data(4, 1), CFG, seed=0, progress=False)
     for k, v in model.state_dict().items():
         assert v.is_contiguous(), k
+
+
+def test_device_auto_trains_on_the_cpu_here_and_cuda_without_one_is_a_clear_error() -> None:
+    """`train.device`: auto picks CUDA only when there is one (the tests never need it), and
+    trains exactly as cpu does; asking for cuda on a machine without it fails by name."""
+    from graftline.train import resolve_device
+
+    if torch.cuda.is_available():  # pragma: no cover - the GPU machine
+        assert resolve_device("auto").type == "cuda"
+        return
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(TrainingError, match="train.device: cuda, but PyTorch sees no CUDA"):
+        resolve_device("cuda")
+    weights = []
+    for device in ("cpu", "auto"):
+        torch.manual_seed(0)
+        model = build_classifier(
+            {"arch": "cnn", "channels": [4], "hidden": 8, "dropout": 0.0}, 1, 28, 3
+        )
+        fit(
+            model,
+            data(4, 0),
+            data(2, 1),
+            TrainConfig(epochs=1, batch_size=8, device=device),
+            seed=0,
+        )
+        weights.append(list(model.state_dict().values()))
+        assert next(model.parameters()).device.type == "cpu"
+    assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
