@@ -145,13 +145,22 @@ def _launch(name: str, ranks: int, params_path: Path) -> int:
     log.info("%s: starting %d ranks under torchrun", name, ranks)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += [f"--nproc_per_node={ranks}", "-m", f"tasks.{name}", "--params", str(params_path)]
-    proc = subprocess.run(cmd)
-    if proc.returncode:
-        print(
-            f"graftline {name}: error: a rank failed (torchrun exit {proc.returncode})",
-            file=sys.stderr,
-        )
-    return 2 if proc.returncode else 0
+    proc = subprocess.Popen(cmd)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:  # SIGTERM or Ctrl-C: torchrun stops the ranks, then we go
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal changes nothing
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        print(f"graftline {name}: stopped", file=sys.stderr)
+        return 130
+    if code:
+        print(f"graftline {name}: error: a rank failed (torchrun exit {code})", file=sys.stderr)
+    return 2 if code else 0
 
 
 def _rank_main(name: str, run: Callable[[Params], Any], params: Params) -> int:
@@ -166,6 +175,10 @@ def _rank_main(name: str, run: Callable[[Params], Any], params: Params) -> int:
         )
         return _main(name, run, params)
     logging.getLogger().setLevel(logging.WARNING)
+    # This rank owns no MLflow run and writes nothing: SIGTERM ends it at once, even while it
+    # waits in a collective (where a Python handler would only run once that returns).
+    # Rank 0, whose peer is then gone, fails out of its own wait and closes its run.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         run(params)
     except GraftlineError as err:

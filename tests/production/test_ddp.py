@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from pathlib import Path
 
@@ -91,3 +92,63 @@ def test_ddp_a_rank_that_raises_fails_the_stage_cleanly(tmp_path: Path) -> None:
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     # rank 0 may be stopped before or after it opened its run: never left RUNNING
     assert runs and not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def test_ddp_resumes_from_the_checkpoint_of_an_interrupted_run(tmp_path: Path) -> None:
+    """SIGTERM to a 2-rank `dvc repro` mid-training: no rank stays behind, and the rerun
+    resumes from rank 0's last epoch checkpoint, under 2 ranks again, to the same weights
+    as a 2-rank run that was never interrupted."""
+    import signal
+    import subprocess
+    import sys
+
+    import torch
+
+    params = _with_ranks(2)
+    params["pretrain"]["train"]["epochs"] = 40
+    reference = make_repo(tmp_path / "reference", params)
+    env = tool_env(reference)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    assert dvc(reference, env, "repro", "pretrain").returncode == 0
+    expected = torch.load(reference / "models/pretrained/model.pt", weights_only=True)
+
+    repo = make_repo(tmp_path / "repo", params)
+    env = tool_env(repo)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro", "pretrain"],
+        cwd=repo,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    checkpoint = repo / ".graftline/checkpoints/pretrain/last.pt"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if checkpoint.exists():
+            try:
+                if torch.load(checkpoint, weights_only=True)["epoch"] >= 3:
+                    break
+            except Exception:  # being replaced right now
+                pass
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.2)
+    epoch = torch.load(checkpoint, weights_only=True)["epoch"]
+    assert epoch + 1 < 40, "pretraining ended before it could be interrupted"
+    os.killpg(first.pid, signal.SIGTERM)
+    assert first.wait(timeout=60) != 0
+    deadline = time.time() + 30  # rank 0 closes its MLflow run on the way out
+    while _left_behind(repo) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _left_behind(repo)
+    assert "Traceback" not in (tmp_path / "first.log").read_text().split("[rank")[0]
+
+    rerun = dvc(repo, env, "repro", "pretrain")
+    out = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, out[-3000:]
+    assert "resuming after epoch" in out and "world_size=2" in out
+    got = torch.load(repo / "models/pretrained/model.pt", weights_only=True)
+    for key, value in expected["state_dict"].items():
+        assert torch.equal(got["state_dict"][key], value), key
