@@ -152,3 +152,22 @@ def test_ddp_resumes_from_the_checkpoint_of_an_interrupted_run(tmp_path: Path) -
     got = torch.load(repo / "models/pretrained/model.pt", weights_only=True)
     for key, value in expected["state_dict"].items():
         assert torch.equal(got["state_dict"][key], value), key
+
+
+def test_ddp_runs_masked_autoencoding_of_a_vit_on_an_unlabelled_corpus(tmp_path: Path) -> None:
+    """The large-model path under torchrun: a ViT pretrained by MAE (its decoder's gradients
+    averaged beside the backbone's) on a corpus whose labels are ignored."""
+    from tests.integration.test_flow import TINY_VIT_PRESET
+
+    params = copy.deepcopy(TINY_VIT_PRESET)
+    params["pretrain"]["train"]["distributed"] = {"nproc_per_node": 2}
+    repo = make_repo(tmp_path / "repo", params)
+    env = tool_env(repo)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = dvc(repo, env, "repro", "pretrain")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "world_size=2" in out
+    history = (repo / "reports/pretrain/history.csv").read_text().splitlines()
+    assert "val_knn_acc" in history[0] and len(history) == 1 + 2
+    assert (repo / "models/pretrained/model.pt").exists()
