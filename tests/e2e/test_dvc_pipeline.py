@@ -21,7 +21,7 @@ def ran(proc: subprocess.CompletedProcess) -> list[str]:
     out = proc.stdout + proc.stderr
     return [
         s
-        for s in ("preprocess", "pretrain", "finetune", "evaluate")
+        for s in ("preprocess", "pretrain", "finetune", "distill", "evaluate")
         if f"Running stage '{s}'" in out
     ]
 
@@ -35,7 +35,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_repro_from_nothing_then_noop(repo: Path) -> None:
     first = sh(["dvc", "repro"], repo)
-    assert ran(first) == ["preprocess", "pretrain", "finetune", "evaluate"]
+    assert ran(first) == ["preprocess", "pretrain", "finetune", "distill", "evaluate"]
     for out in (
         "models/pretrained/model.pt",
         "models/finetuned/model.pt",
@@ -61,6 +61,7 @@ def test_repro_from_nothing_then_noop(repo: Path) -> None:
     exp = client.get_experiment_by_name("graftline")
     runs = client.search_runs([exp.experiment_id])
     assert sorted(r.data.tags["graftline.stage"] for r in runs) == [
+        "distill",
         "evaluate",
         "finetune",
         "preprocess",
@@ -111,7 +112,7 @@ def test_finetune_param_reruns_only_finetune_and_evaluate(repo: Path) -> None:
     params["finetune"]["train"]["lr"] = 0.002
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     proc = sh(["dvc", "repro"], repo)
-    assert ran(proc) == ["finetune", "evaluate"]
+    assert ran(proc) == ["finetune", "distill", "evaluate"]
     diff = sh(["dvc", "params", "diff", "--json"], repo)
     assert "finetune.train.lr" in diff.stdout
 
@@ -120,7 +121,7 @@ def test_exp_run_with_set_param(repo: Path) -> None:
     sh(["git", "add", "-A"], repo)
     sh(["git", "commit", "-qm", "lr 0.002"], repo)
     proc = sh(["dvc", "exp", "run", "-S", "finetune.strategy=linear_probe"], repo)
-    assert ran(proc) == ["finetune", "evaluate"]
+    assert ran(proc) == ["finetune", "distill", "evaluate"]
     shown = sh(["dvc", "exp", "show", "--json"], repo)
     assert "linear_probe" in shown.stdout
 

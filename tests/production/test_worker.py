@@ -93,5 +93,9 @@ def test_worker_runs_api_triggered_runs_of_the_deployment_one_at_a_time(tmp_path
                 assert sorted(r.id for r in ran) == sorted(r.id for r in runs)
         finally:
             worker.terminate()
-            worker.wait(timeout=60)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # a loaded machine: it need not stop gracefully
+                worker.kill()
+                worker.wait(timeout=30)
     assert (repo / "models/finetuned/model.pt").exists()
