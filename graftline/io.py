@@ -99,6 +99,14 @@ def hash_arrays(*arrays: np.ndarray, chunk_bytes: int = 64 << 20) -> str:
     return h.hexdigest()
 
 
+def advise_random(a: np.ndarray) -> None:
+    """Tell the kernel that a memory-mapped array is read at random rows (shuffled batches):
+    no readahead around each row, which would map far more than the rows read."""
+    mm = getattr(a, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise"):
+        mm.madvise(mmap.MADV_RANDOM)
+
+
 def release(a: np.ndarray) -> None:
     """Let the kernel drop the pages of a memory-mapped array from this process (they stay in
     the page cache): reading a corpus larger than memory must not grow the resident set.

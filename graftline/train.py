@@ -32,7 +32,7 @@ from graftline.config import TrainConfig
 from graftline.data.dataset import Dataset
 from graftline.data.transforms import augment_batch
 from graftline.errors import TrainingError
-from graftline.io import atomic_path, release
+from graftline.io import advise_random, atomic_path, release
 from graftline.objectives import Objective, Supervised, to_float
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,9 @@ def fit(
     some = torch.arange(n)[:: max(1, n // 5000)]  # the k-NN monitor's bank, at most ~5,000
     bank_x = x[some] if x is not None else torch.from_numpy(np.ascontiguousarray(images[some]))
     bank_y = y[some]
-    read_bytes = 0
+    read_batches = 0
+    if x is None:
+        advise_random(images)
     # Under torchrun each rank takes an equal, seeded shard of every epoch's permutation and
     # a batch_size / world share of each batch (graftline.distributed).
     world, rank = distributed.world_size(), distributed.rank()
@@ -314,10 +316,9 @@ def fit(
                 raw = x[idx]
             else:
                 raw = torch.from_numpy(np.ascontiguousarray(images[idx.numpy()]))
-                read_bytes += raw.numel()
-                if read_bytes > 256 << 20:
+                read_batches += 1
+                if read_batches % 16 == 0:  # each row read maps at least a page: let them go
                     release(images)
-                    read_bytes = 0
             yb = y[idx]
             if cuda:  # uint8 through pinned memory, converted and augmented on the GPU
                 raw = raw.pin_memory().to(device, non_blocking=True)
