@@ -221,7 +221,10 @@ def fit(
         }
     n = len(images)
     some = torch.arange(n)[:: max(1, n // 5000)]  # the k-NN monitor's bank, at most ~5,000
-    bank_x = x[some] if x is not None else torch.from_numpy(np.ascontiguousarray(images[some]))
+    # (a numpy index: a tensor would make numpy map the whole memory-mapped file at once)
+    bank_x = (
+        x[some] if x is not None else torch.from_numpy(np.ascontiguousarray(images[some.numpy()]))
+    )
     bank_y = y[some]
     read_batches = 0
     if x is None:
@@ -317,7 +320,9 @@ def fit(
             else:
                 raw = torch.from_numpy(np.ascontiguousarray(images[idx.numpy()]))
                 read_batches += 1
-                if read_batches % 16 == 0:  # each row read maps at least a page: let them go
+                # each row read maps up to 64 KB around it (the kernel's fault-around): let
+                # the pages go every few batches, so the resident set stays bounded
+                if read_batches % 4 == 0:
                     release(images)
             yb = y[idx]
             if cuda:  # uint8 through pinned memory, converted and augmented on the GPU
