@@ -33,7 +33,7 @@ from graftline.io import hash_arrays  # noqa: E402
 SIDE = 28
 
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 import torch
 from graftline.config import TrainConfig
 from graftline.data.store import load_split
@@ -47,7 +47,9 @@ cfg = TrainConfig(epochs=1, batch_size=512, lr=0.003, schedule="none", num_threa
 result = fit(model, train, val, cfg, seed=0, progress=False)
 print(json.dumps({
     "images_per_s": result.images_per_s,
-    "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    # VmHWM: the peak of this process's own memory since exec (ru_maxrss would carry over the
+    # parent's resident set at fork time, here the freshly written corpus)
+    "peak_rss_gb": next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 2**20,
 }))
 """
 
