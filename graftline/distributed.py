@@ -46,6 +46,11 @@ def init_from_env() -> bool:
     return True
 
 
+def backend() -> str:
+    """The process group's backend: ``gloo`` (CPU) or ``nccl`` (CUDA)."""
+    return dist.get_backend() if active() else "none"
+
+
 def shutdown() -> None:
     if active():
         dist.destroy_process_group()
@@ -76,7 +81,7 @@ def broadcast_floats(*values: float) -> tuple[float, ...]:
     """Rank 0's ``values`` on every rank."""
     if not active():
         return values
-    on = "cuda" if dist.get_backend() == "nccl" else "cpu"  # nccl moves CUDA tensors only
+    on = "cuda" if backend() == "nccl" else "cpu"  # nccl moves CUDA tensors only
     t = torch.tensor(values, dtype=torch.float64, device=on)
     dist.broadcast(t, 0)
     return tuple(t.tolist())

@@ -171,7 +171,7 @@ def _rank_main(name: str, run: Callable[[Params], Any], params: Params) -> int:
             "%s: world_size=%d (torchrun, %s)",
             name,
             distributed.world_size(),
-            "nccl" if _cuda() else "gloo",
+            distributed.backend(),
         )
         return _main(name, run, params)
     logging.getLogger().setLevel(logging.WARNING)
@@ -185,12 +185,6 @@ def _rank_main(name: str, run: Callable[[Params], Any], params: Params) -> int:
         print(f"graftline {name}: error (rank {distributed.rank()}): {err}", file=sys.stderr)
         return 2
     return 0
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _main(name: str, run: Callable[[Params], Any], params: Params) -> int:
