@@ -99,7 +99,21 @@ class _Timed(_Bare):
         return f"{self.formatTime(record, '%H:%M:%S')} {super().format(record)}"
 
 
+# How long a stopped stage may take to close its MLflow run before it exits regardless.
+CLEANUP_SECONDS = 60.0
+
+
 def _interrupt(signum: int, _frame: Any) -> None:
+    """The first SIGTERM or SIGINT interrupts the stage; later ones are ignored, so that they
+    cannot interrupt the clean-up that closes its MLflow run as KILLED. Stopping the stage
+    often signals it twice: the flow stops the stage and the shell DVC ran it through, whose
+    death sends ``PR_SET_PDEATHSIG``; a signal to the process group adds one more. A
+    watchdog ends the process if the clean-up hangs."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    watchdog = threading.Timer(CLEANUP_SECONDS, os._exit, args=(128 + signum,))
+    watchdog.daemon = True
+    watchdog.start()
     raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
 
 
@@ -110,6 +124,7 @@ def stage_main(name: str, run: Callable[[Params], Any], argv: list[str] | None =
     so that its MLflow run ends as KILLED instead of staying RUNNING.
     """
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     _stop_with_parent()
     _output_to_stage_log()
     parser = argparse.ArgumentParser(prog=f"python -m tasks.{name}", description=run.__doc__)
@@ -120,20 +135,37 @@ def stage_main(name: str, run: Callable[[Params], Any], argv: list[str] | None =
     handler.setFormatter(_Bare() if os.environ.get(STAGE_LOG_ENV) else _Timed())
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     try:
-        params = load_params(args.params)
+        return _dispatch(name, run, args.params)
+    except KeyboardInterrupt as stop:  # its MLflow run is closed KILLED by now
+        print(f"graftline {name}: {stop or 'interrupted'}", file=sys.stderr)
+        return 130
+
+
+def _dispatch(name: str, run: Callable[[Params], Any], params_path: Path) -> int:
+    try:
+        params = load_params(params_path)
     except ConfigError as err:
         print(f"graftline {name}: error: {err}", file=sys.stderr)
         return 2
     train_cfg = getattr(getattr(params, name), "train", None)
     ranks = train_cfg.distributed.nproc_per_node if train_cfg is not None else 1
     if ranks > 1 and "LOCAL_RANK" not in os.environ:
-        return _launch(name, ranks, args.params)
+        return _launch(name, ranks, params_path)
     if distributed.init_from_env():
         try:
             return _rank_main(name, run, params)
         finally:
             distributed.shutdown()
     return _main(name, run, params)
+
+
+# `python -m torch.distributed.run`, stopped by SIGTERM when its parent (the stage) dies.
+_TORCHRUN = (
+    "import ctypes, runpy, signal, sys; "
+    "ctypes.CDLL(None).prctl(1, signal.SIGTERM); "  # PR_SET_PDEATHSIG
+    "sys.argv[0] = 'torchrun'; "
+    "runpy.run_module('torch.distributed.run', run_name='__main__', alter_sys=True)"
+)
 
 
 def _launch(name: str, ranks: int, params_path: Path) -> int:
@@ -143,13 +175,16 @@ def _launch(name: str, ranks: int, params_path: Path) -> int:
     import subprocess
 
     log.info("%s: starting %d ranks under torchrun", name, ranks)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd += [f"--nproc_per_node={ranks}", "-m", f"tasks.{name}", "--params", str(params_path)]
-    proc = subprocess.Popen(cmd)
+    # torchrun runs in its own session, so that a signal to this stage's process group
+    # reaches it once, from here: a second SIGTERM while its agent stops the ranks makes it
+    # print a traceback. It still dies with this process (PR_SET_PDEATHSIG, set before it
+    # starts, by the snippet below).
+    cmd = [sys.executable, "-c", _TORCHRUN, "--standalone", f"--nproc_per_node={ranks}"]
+    cmd += ["-m", f"tasks.{name}", "--params", str(params_path)]
+    proc = subprocess.Popen(cmd, start_new_session=True)
     try:
         code = proc.wait()
     except KeyboardInterrupt:  # SIGTERM or Ctrl-C: torchrun stops the ranks, then we go
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal changes nothing
         proc.terminate()
         try:
             proc.wait(timeout=60)

@@ -164,6 +164,41 @@ def test_interrupted_run_stops_cleanly_and_resumes_to_the_same_weights(
     assert not [s for s in statuses if s[1] == "RUNNING"], statuses
 
 
+def test_a_burst_of_signals_cannot_leave_the_stage_run_open(tmp_path: Path) -> None:
+    """Stopping a stage often signals it more than once (the flow stops it and the shell DVC
+    ran it through, whose death sends PR_SET_PDEATHSIG; a group signal adds one). The first
+    signal stops it; the rest must not interrupt the clean-up that closes its MLflow run."""
+    repo = make_repo(tmp_path / "repo", PARAMS)
+    env = _env(repo, tmp_path / "home")
+    assert dvc(repo, env, "repro", "preprocess").returncode == 0
+    stage = subprocess.Popen(
+        [sys.executable, "-m", "tasks.pretrain"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    checkpoint = repo / ".graftline/checkpoints/pretrain/last.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline:
+        assert stage.poll() is None, stage.communicate()[0][-3000:]
+        time.sleep(0.1)
+    assert ("pretrain", "RUNNING") in _mlflow_statuses(repo)
+    signals = 0
+    while stage.poll() is None and signals < 2000:  # one every 5 ms until it has gone
+        stage.send_signal(signal.SIGTERM if signals % 2 == 0 else signal.SIGINT)
+        signals += 1
+        time.sleep(0.005)
+    output = stage.communicate(timeout=60)[0]
+    assert stage.returncode == 130, output[-3000:]
+    assert signals > 1, "it ended before a second signal"
+    assert "Traceback" not in output, output[-3000:]
+    assert "graftline pretrain: stopped by SIGTERM" in output
+    assert [s for s in _mlflow_statuses(repo) if s[0] == "pretrain"] == [("pretrain", "KILLED")]
+    assert not (repo / "models/pretrained/model.pt").exists()
+
+
 def test_two_runs_at_once_one_refuses(tmp_path: Path) -> None:
     """Case 4: a second `graftline run` in the same checkout refuses at once, by name."""
     repo = make_repo(tmp_path / "repo", PARAMS)
