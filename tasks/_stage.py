@@ -159,13 +159,19 @@ def _dispatch(name: str, run: Callable[[Params], Any], params_path: Path) -> int
     return _main(name, run, params)
 
 
-# `python -m torch.distributed.run`, stopped by SIGTERM when its parent (the stage) dies.
-_TORCHRUN = (
-    "import ctypes, runpy, signal, sys; "
-    "ctypes.CDLL(None).prctl(1, signal.SIGTERM); "  # PR_SET_PDEATHSIG
-    "sys.argv[0] = 'torchrun'; "
-    "runpy.run_module('torch.distributed.run', run_name='__main__', alter_sys=True)"
-)
+# `python -m torch.distributed.run`, stopped by SIGTERM when its parent (the stage) dies. On
+# SIGTERM its agent stops the ranks, then re-raises the signal as an exception, whose
+# traceback says nothing that "stopped" does not: it exits 143 instead.
+_TORCHRUN = """
+import ctypes, runpy, signal, sys
+from torch.distributed.elastic.multiprocessing.api import SignalException
+ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+sys.argv[0] = "torchrun"
+try:
+    runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
+except SignalException as stop:
+    sys.exit(128 + int(stop.sigval))
+"""
 
 
 def _launch(name: str, ranks: int, params_path: Path) -> int:
