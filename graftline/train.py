@@ -32,7 +32,7 @@ from graftline.config import TrainConfig
 from graftline.data.dataset import Dataset
 from graftline.data.transforms import augment_batch
 from graftline.errors import TrainingError
-from graftline.io import advise_random, atomic_path, release
+from graftline.io import atomic_path, read_rows
 from graftline.objectives import Objective, Supervised, to_float
 
 log = logging.getLogger(__name__)
@@ -203,9 +203,9 @@ def fit(
     layout = torch.channels_last if train.images.ndim == 4 else torch.contiguous_format
     model.to(device=device, memory_format=layout)
     groups = groups or [ParamGroup("model", model)]
-    # A memory-mapped corpus (data.store.load_split(mmap=True)) stays on disk: each batch is
-    # read from it, and its pages are let go as the epoch goes (io.release), so a corpus
-    # larger than memory trains. An in-memory one is indexed as a tensor.
+    # A memory-mapped corpus (data.store.load_split(mmap=True)) stays on disk: each batch's
+    # rows are read from it (io.read_rows), so a corpus larger than memory trains. An
+    # in-memory one is indexed as a tensor.
     images = train.images
     x = None if isinstance(images, np.memmap) else torch.from_numpy(np.ascontiguousarray(images))
     y = torch.from_numpy(train.labels.astype(np.int64))
@@ -221,14 +221,8 @@ def fit(
         }
     n = len(images)
     some = torch.arange(n)[:: max(1, n // 5000)]  # the k-NN monitor's bank, at most ~5,000
-    # (a numpy index: a tensor would make numpy map the whole memory-mapped file at once)
-    bank_x = (
-        x[some] if x is not None else torch.from_numpy(np.ascontiguousarray(images[some.numpy()]))
-    )
+    bank_x = x[some] if x is not None else torch.from_numpy(read_rows(images, some.numpy()))
     bank_y = y[some]
-    read_batches = 0
-    if x is None:
-        advise_random(images)
     # Under torchrun each rank takes an equal, seeded shard of every epoch's permutation and
     # a batch_size / world share of each batch (graftline.distributed).
     world, rank = distributed.world_size(), distributed.rank()
@@ -315,15 +309,7 @@ def fit(
             for pg, base in zip(optimizer.param_groups, base_lrs, strict=True):
                 pg["lr"] = base * factor
             idx = perm[b * bs : (b + 1) * bs]
-            if x is not None:
-                raw = x[idx]
-            else:
-                raw = torch.from_numpy(np.ascontiguousarray(images[idx.numpy()]))
-                read_batches += 1
-                # each row read maps up to 64 KB around it (the kernel's fault-around): let
-                # the pages go every few batches, so the resident set stays bounded
-                if read_batches % 4 == 0:
-                    release(images)
+            raw = x[idx] if x is not None else torch.from_numpy(read_rows(images, idx.numpy()))
             yb = y[idx]
             if cuda:  # uint8 through pinned memory, converted and augmented on the GPU
                 raw = raw.pin_memory().to(device, non_blocking=True)

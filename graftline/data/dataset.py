@@ -2,11 +2,48 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import pandas as pd
+
+
+class NumberedIds(Sequence[str]):
+    """The ids ``source[0]``, ``source[1]``, ... of a set whose items have no names of their
+    own, made when asked for: a corpus of millions of images keeps no list of strings."""
+
+    def __init__(self, source: str, n: int) -> None:
+        self.source, self.n = source, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(self.n))]
+        k = int(i) + self.n if int(i) < 0 else int(i)
+        if not 0 <= k < self.n:
+            raise IndexError(f"item {i} of {self.n}")
+        return f"{self.source}[{k}]"
+
+    def __iter__(self) -> Iterator[str]:
+        return (f"{self.source}[{k}]" for k in range(self.n))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, NumberedIds):
+            return (self.source, self.n) == (other.source, other.n)
+        if not isinstance(other, Sequence) or len(other) != self.n:
+            return False
+        return all(a == b for a, b in zip(self, other, strict=True))  # stops at a difference
+
+    def __repr__(self) -> str:
+        return f"NumberedIds({self.source!r}, {self.n})"
 
 
 @dataclass
@@ -24,12 +61,12 @@ class Dataset:
     labels: np.ndarray
     classes: list[str]
     source: str
-    ids: list[str] = field(default_factory=list)
+    ids: Sequence[str] = field(default_factory=list)
     transform: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.ids:
-            self.ids = [f"{self.source}[{i}]" for i in range(len(self.labels))]
+        if not len(self.ids):
+            self.ids = NumberedIds(self.source, len(self.labels))
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -59,7 +96,7 @@ class Dataset:
         """One row per item: id, label index and class name."""
         return pd.DataFrame(
             {
-                "id": self.ids,
+                "id": list(self.ids),
                 "label": self.labels,
                 "class": [self.classes[i] for i in self.labels],
             }

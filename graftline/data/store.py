@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from graftline.data.dataset import Dataset
+from graftline.data.dataset import Dataset, NumberedIds
 from graftline.errors import ArtifactError
 from graftline.io import atomic_dir, hash_arrays
 
@@ -42,7 +42,10 @@ def save_splits(dest: Path | str, splits: dict[str, Dataset], extra: dict[str, A
     with atomic_dir(dest) as tmp:
         for name, ds in splits.items():
             np.save(tmp / f"{name}.npy", np.ascontiguousarray(ds.images), allow_pickle=False)
-            np.savez(tmp / f"{name}.npz", labels=ds.labels, ids=np.array(ds.ids))
+            # numbered ids (items with no names of their own) are made again on load
+            numbered = ds.ids == NumberedIds(manifest["source"], len(ds))
+            ids = np.array([], dtype=str) if numbered else np.array(ds.ids)
+            np.savez(tmp / f"{name}.npz", labels=ds.labels, ids=ids)
             manifest["splits"][name] = {
                 "count": len(ds),
                 "per_class": ds.class_counts(),
