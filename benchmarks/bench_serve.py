@@ -1,9 +1,11 @@
 """Serving: graftline's service against `mlflow models serve` on the same model version,
 side by side in the same run, then a bounded loopback load test with a promotion midway.
 
-    python benchmarks/bench_serve.py [--single 1000] [--batches 200] [--load 10000]
+    python benchmarks/bench_serve.py [--single 1000] [--batches 200] [--load 10000] \
+        [--params params/vit-mae.yaml]
 
-The model is the default architecture from params.yaml (the seed CNN), registered in a
+The model is the architecture of the params file (default params.yaml: the seed CNN;
+params/vit-mae.yaml: the ViT, which is what a merged LoRA export is), registered in a
 temporary SQLite store. Latency: sequential single-image requests over keep-alive, p50 and
 p99. Throughput: sequential batches of 64. Load: `--load` requests at concurrency 16 to
 graftline, with `champion` moved to a new version halfway; every request must succeed and
@@ -65,9 +67,10 @@ def wait(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
     sys.exit(f"{url} did not come up")
 
 
-def setup(work: Path) -> None:
-    """Register the default architecture twice (v1 champion, v2 for the mid-load switch)."""
-    params = load_params(ROOT / "params.yaml")
+def setup(work: Path, params_file: Path) -> None:
+    """Register the params file's architecture twice (v1 champion, v2 for the mid-load
+    switch)."""
+    params = load_params(params_file)
     rng = np.random.default_rng(0)
     test = Dataset(
         rng.integers(0, 255, (50, 1, 28, 28), dtype=np.uint8),
@@ -152,6 +155,9 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=200)
     ap.add_argument("--load", type=int, default=10000)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument(
+        "--params", type=Path, default=ROOT / "params.yaml", help="whose model to serve"
+    )
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="graftline-serve-bench-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
@@ -163,7 +169,7 @@ def main() -> None:
     }
     procs: list[subprocess.Popen] = []
     try:
-        setup(work)
+        setup(work, args.params)
         (work / "params.yaml").write_text(json.dumps({"deploy": {"model_name": NAME}}))
         gp, mp = free_port(), free_port()
         log = (work / "servers.log").open("w")
