@@ -122,6 +122,11 @@ def route_params(route: str, args: argparse.Namespace, strategy: str | None = No
                 "hard_weight": args.hard_weight,
                 "model": CNN,
                 "train": distill_train,
+                "consistency": {
+                    "epochs": (1 if args.consistency_epochs else 0)
+                    if q
+                    else args.consistency_epochs
+                },
             },
         }
     )
@@ -146,6 +151,12 @@ def main() -> None:
     )
     ap.add_argument("--finetune-epochs", type=int, default=100, help="over the 100 labels")
     ap.add_argument("--distill-epochs", type=int, default=8, help="over the 60,100 images")
+    ap.add_argument(
+        "--consistency-epochs",
+        type=int,
+        default=0,
+        help="distill.consistency.epochs: FixMatch-style epochs after distillation",
+    )
     ap.add_argument("--hard-weight", type=float, default=4.0, help="distill.hard_weight")
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")

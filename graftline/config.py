@@ -357,6 +357,27 @@ class FinetuneParams(_Strict):
         return self
 
 
+class ConsistencyParams(_Strict):
+    """After distillation, the student goes on learning from the unlabelled corpus by
+    FixMatch-style consistency (Sohn et al., 2020): its own confident prediction on a weakly
+    augmented image (``distill.train.augment``) is the target of a strongly augmented one."""
+
+    epochs: int = Field(default=0, ge=0, description="epochs over the corpus; 0: off")
+    lr: float = Field(default=1e-3, gt=0, description="peak learning rate (cosine schedule)")
+    threshold: float = Field(
+        default=0.95, gt=0, le=1, description="confidence a prediction needs to be a target"
+    )
+    weight: float = Field(default=1.0, ge=0, description="of the unlabelled term")
+    labelled_share: float = Field(
+        default=0.2, gt=0, lt=1, description="share of each batch drawn from the labelled set"
+    )
+    strong: Augment = Field(
+        default=Augment(shift=0.2, rotate=25, scale=0.25, lowres_prob=0.3, lowres_min=10),
+        description="the strong view's augmentation",
+    )
+    cutout: int = Field(default=10, ge=0, description="side of the square blanked in it, pixels")
+
+
 class DistillParams(_Strict):
     """Distillation (Hinton et al., 2015): the fine-tuned model labels the pretraining corpus
     with soft targets and a student trains on them plus the labelled set."""
@@ -376,6 +397,7 @@ class DistillParams(_Strict):
         default=None, description="the student's architecture; default: the teacher's"
     )
     train: TrainConfig = TrainConfig()
+    consistency: ConsistencyParams = ConsistencyParams()
 
 
 class SvcParams(_Strict):

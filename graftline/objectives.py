@@ -104,6 +104,70 @@ class Distillation(Supervised):
         return loss / len(y), None
 
 
+class Consistency(Supervised):
+    """FixMatch-style consistency (Sohn et al., 2020) on an unlabelled corpus, beside the
+    labelled set: items labelled ``-1`` are unlabelled. The model's own prediction on the
+    batch as the loop augmented it (the weak view) is the target of a strongly augmented
+    view of the same image (``strong`` shifts, rotations, zooms, resolution loss, then a
+    blanked ``cutout`` square), where its confidence reaches ``threshold``; labelled items get
+    cross-entropy. The loss is ``mean CE(labelled) + weight * mean(mask * CE(strong, target))``,
+    each mean over its own items, as FixMatch weighs them.
+    """
+
+    reports_train_acc = False
+
+    def __init__(
+        self,
+        threshold: float = 0.95,
+        weight: float = 1.0,
+        strong: dict[str, Any] | None = None,
+        cutout: int = 10,
+    ) -> None:
+        super().__init__()
+        self.threshold, self.weight, self.cutout = threshold, weight, cutout
+        self.strong = dict(strong or {})
+        self.masked_share = 0.0  # of the last batch's unlabelled items, for the curious
+
+    def strong_view(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x = augment_batch(x, generator, **self.strong)
+        if self.cutout <= 0:
+            return x
+        b, _, h, w = x.shape
+        cy = torch.randint(0, h, (b,), generator=generator).to(x.device).view(-1, 1, 1)
+        cx = torch.randint(0, w, (b,), generator=generator).to(x.device).view(-1, 1, 1)
+        yy = torch.arange(h, device=x.device).view(1, h, 1)
+        xx = torch.arange(w, device=x.device).view(1, 1, w)
+        half = self.cutout / 2
+        box = ((yy - cy).abs() < half) & ((xx - cx).abs() < half)
+        return x * (~box).unsqueeze(1).to(x.dtype)
+
+    def step(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, None]:
+        unlabelled, labelled = y < 0, y >= 0
+        loss = x.new_zeros(())
+        strong = x[:0]
+        target = mask = None
+        if unlabelled.any():
+            weak = x[unlabelled]
+            with torch.no_grad():  # the targets: what the model says of the weak view
+                was_training = model.training
+                model.eval()
+                confidence, target = F.softmax(model(weak).float(), dim=1).max(1)
+                model.train(was_training)
+            mask = (confidence >= self.threshold).float()
+            self.masked_share = float(mask.mean())
+            strong = self.strong_view(weak, generator)
+        logits = model(torch.cat([x[labelled], strong]))
+        n_lab = int(labelled.sum())
+        if n_lab:
+            loss = loss + F.cross_entropy(logits[:n_lab], y[labelled])
+        if target is not None and mask is not None:
+            ce = F.cross_entropy(logits[n_lab:], target, reduction="none")
+            loss = loss + self.weight * (ce * mask).mean()
+        return loss, None
+
+
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     """``(B, C, H, W)`` to ``(B, (H/p)*(W/p), p*p*C)``, row by row as the patch embedding."""
     b, c, h, w = x.shape

@@ -8,6 +8,7 @@ student, and the fine-tuned model is the one that deploys.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -24,8 +25,8 @@ from graftline.errors import ArtifactError
 from graftline.io import write_json, write_text
 from graftline.models import build_classifier, save_checkpoint
 from graftline.models.checkpoint import load_checkpoint
-from graftline.objectives import Distillation
-from graftline.train import fit, predict_proba
+from graftline.objectives import Consistency, Distillation
+from graftline.train import FitResult, fit, predict_proba
 from tasks import paths
 from tasks._stage import stage_main
 from tasks._training import fingerprint, write_history
@@ -115,6 +116,11 @@ def run(
         desc="student",
         objective=objective,
     )
+    distilled_val_acc = result.best_val_acc
+    history = list(result.history)
+    if d.consistency.epochs:
+        result = _consistency(params, student, pool, train, val, checkpoints, fp)
+        history += [{**r, "epoch": len(history) + r["epoch"]} for r in result.history]
     if not distributed.is_main():  # under torchrun, rank 0 alone writes
         return {}
     n_student = sum(t.numel() for t in student.parameters())
@@ -129,6 +135,9 @@ def run(
         "student_params": n_student,
         "student_teacher_size": n_student / n_teacher,
     }
+    if d.consistency.epochs:
+        metrics["distilled_val_acc"] = distilled_val_acc
+        metrics["consistency_epochs"] = d.consistency.epochs
     save_checkpoint(
         out / paths.MODEL_FILE,
         student,
@@ -144,15 +153,60 @@ def run(
             "metrics": metrics,
         },
     )
-    write_history(reports / "history.csv", result.history)
+    write_history(reports / "history.csv", history)
     write_json(reports / "metrics.json", metrics)
     shutil.rmtree(resume.parent, ignore_errors=True)
     log.info("distill: student %s (%.0f images/s)", metrics, result.images_per_s)
     return {
         "metrics": metrics,
-        "history": {"student": result.history},
+        "history": {"student": history},
         "artifacts": [reports / "history.csv"],
     }
+
+
+def _consistency(
+    params: Params,
+    student: torch.nn.Module,
+    pool: Dataset,
+    train: Dataset,
+    val: Dataset,
+    checkpoints: Path,
+    fp: str,
+) -> FitResult:
+    """The distilled student goes on learning from the corpus by FixMatch-style consistency
+    (``distill.consistency``); the labelled set is repeated to make ``labelled_share`` of the
+    items, so that each batch holds some."""
+    d, c = params.distill, params.distill.consistency
+    repeat = max(1, math.ceil(c.labelled_share / (1 - c.labelled_share) * len(pool) / len(train)))
+    items = Dataset(
+        np.concatenate([pool.images, *[train.images] * repeat]),
+        np.concatenate([np.full(len(pool), -1, np.int64), np.tile(train.labels, repeat)]),
+        train.classes,
+        f"{pool.source} + {train.source} x{repeat}",
+        transform=train.transform,
+    )
+    cfg = d.train.model_copy(
+        update={"epochs": c.epochs, "lr": c.lr, "schedule": "cosine", "patience": None}
+    )
+    log.info(
+        "distill: consistency over %d corpus images and %d labelled (x%d), %d epochs",
+        len(pool),
+        len(train),
+        repeat,
+        c.epochs,
+    )
+    objective = Consistency(c.threshold, c.weight, c.strong.model_dump(), c.cutout)
+    return fit(
+        student,
+        items,
+        val,
+        cfg,
+        seed=d.seed + 1,
+        resume_path=checkpoints / "distill" / "consistency.pt",
+        fingerprint=fingerprint(fp, "consistency"),
+        desc="student (consistency)",
+        objective=objective,
+    )
 
 
 if __name__ == "__main__":

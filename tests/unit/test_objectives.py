@@ -13,7 +13,14 @@ import torch
 from graftline.config import ConfigError, TrainConfig, parse_params
 from graftline.data.dataset import Dataset
 from graftline.models import build_classifier
-from graftline.objectives import Contrastive, MaskedAutoencoder, knn_accuracy, nt_xent, patchify
+from graftline.objectives import (
+    Consistency,
+    Contrastive,
+    MaskedAutoencoder,
+    knn_accuracy,
+    nt_xent,
+    patchify,
+)
 from graftline.train import fit
 from tests.conftest import blob_digits
 
@@ -164,6 +171,45 @@ def test_distillation_loss_is_the_softened_kl_plus_the_labels_cross_entropy() ->
     worse.backward()
 
 
+def test_consistency_strong_view_is_another_image_with_a_blank_square() -> None:
+    obj = Consistency(strong={"shift": 0.2, "rotate": 25}, cutout=10)
+    x = torch.ones(16, 1, 28, 28)
+    strong = obj.strong_view(x, torch.Generator().manual_seed(0))
+    assert strong.shape == x.shape
+    # the square is 9 x 9 pixels where it lies inside the image, fewer at an edge
+    blank = (strong == 0).flatten(1).sum(1)
+    assert (blank > 0).all() and (blank >= 81).float().mean() > 0.5
+    plain = Consistency(strong={"rotate": 25}, cutout=0).strong_view(
+        torch.rand(4, 1, 28, 28), torch.Generator().manual_seed(0)
+    )
+    assert plain.shape == (4, 1, 28, 28)
+
+
+def test_consistency_targets_only_confident_predictions_of_the_weak_view() -> None:
+    """Labelled items (label >= 0) get cross-entropy; unlabelled ones (-1) count only where
+    the model's prediction on the batch reaches the threshold."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 3))
+    x = torch.rand(12, 1, 28, 28)
+    y = torch.tensor([0, 1, 2, 0] + [-1] * 8)
+    ce = torch.nn.functional.cross_entropy(model(x[:4]), y[:4])
+    with torch.no_grad():
+        confidence = torch.softmax(model(x[4:]), 1).max(1).values
+    strict = Consistency(threshold=float(confidence.max()) + 1e-6, strong={}, cutout=0)
+    loss, _ = strict.step(model, x, y, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loss, ce)  # nothing confident enough: the labels alone
+    assert strict.masked_share == 0.0
+    # Everything confident, no augmentation: each unlabelled item is its own target.
+    lax = Consistency(threshold=1e-6, weight=0.5, strong={}, cutout=0)
+    loss, _ = lax.step(model, x, y, torch.Generator().manual_seed(0))
+    logits = model(x[4:])
+    own = torch.nn.functional.cross_entropy(logits, logits.argmax(1))
+    torch.testing.assert_close(loss, ce + 0.5 * own)
+    assert lax.masked_share == 1.0
+    loss.backward()
+    assert model[1].weight.grad is not None and model[1].weight.grad.abs().sum() > 0
+
+
 def test_distill_stage_student_learns_the_teachers_soft_labels(tmp_path: Path) -> None:
     """Stage-level: the student, a smaller CNN, sees one label per class but agrees with the teacher on
     the corpus far beyond what those labels alone would give; off, the stage writes a note."""
@@ -233,6 +279,22 @@ def test_distill_stage_student_learns_the_teachers_soft_labels(tmp_path: Path) -
         predict_proba(alone, ox[:, None]).argmax(1) == predict_proba(teacher, ox[:, None]).argmax(1)
     )
     assert alone_agree < agree - 0.1, (alone_agree, agree)
+
+    # Then consistency on the corpus: the student goes on from the distilled weights, the
+    # history and the metrics say so, and it still agrees with the teacher.
+    raw = params.model_dump()
+    raw["distill"]["consistency"] = {"epochs": 3, "threshold": 0.8}
+    more = parse_params(raw)
+    again = distill.run(more, out=tmp_path / "student2", **kw)
+    assert again["metrics"]["consistency_epochs"] == 3
+    assert again["metrics"]["distilled_val_acc"] == result["metrics"]["val_acc"]
+    assert len(again["history"]["student"]) == len(result["history"]["student"]) + 3
+    student2, _ = load_checkpoint(tmp_path / "student2" / "model.pt")
+    agree2 = np.mean(
+        predict_proba(student2, ox[:, None]).argmax(1)
+        == predict_proba(teacher, ox[:, None]).argmax(1)
+    )
+    assert agree2 > 0.75, (agree2, again["metrics"])
 
     off = parse_params({})
     distill.run(off, out=tmp_path / "off", **kw)
