@@ -38,7 +38,7 @@ test: $(STAMP)  ## lint, format check and the test suite
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	# Two workers, a test file each: most of the suite waits on servers and subprocesses.
-	$(BIN)/pytest -n 2 --dist loadfile
+	$(BIN)/pytest -n 2 --dist loadfile --durations=10
 
 lint: $(STAMP)  ## ruff lint
 	$(BIN)/ruff check .
