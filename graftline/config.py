@@ -210,6 +210,12 @@ class Augment(_Strict):
         default=0.0, ge=0, le=1, description="share of images scanned down and back up"
     )
     lowres_min: int = Field(default=8, ge=2, description="smallest side for lowres")
+    elastic: float = Field(
+        default=0.0,
+        ge=0,
+        le=100,
+        description="elastic distortion strength, pixels (Simard et al., 2003: 34 for MNIST)",
+    )
 
 
 class DistributedConfig(_Strict):
@@ -234,6 +240,13 @@ class TrainConfig(_Strict):
     patience: int | None = Field(default=None, ge=1, description="early-stop patience (epochs)")
     augment: Augment = Augment()
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    ema: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="decay of an exponential moving average of the weights (e.g. 0.999), "
+        "which validation judges and training keeps; none: the weights themselves",
+    )
     precision: Literal["fp32", "bf16"] = Field(
         default="fp32",
         description="bf16: mixed precision (autocast); ~1.7x faster on CPUs with native bf16 "
@@ -360,7 +373,7 @@ class FinetuneParams(_Strict):
 class ConsistencyParams(_Strict):
     """After distillation, the student goes on learning from the unlabelled corpus by
     FixMatch-style consistency (Sohn et al., 2020): its own confident prediction on a weakly
-    augmented image (``distill.train.augment``) is the target of a strongly augmented one."""
+    augmented image (``weak``) is the target of a strongly augmented one (``strong``)."""
 
     epochs: int = Field(default=0, ge=0, description="epochs over the corpus; 0: off")
     lr: float = Field(default=1e-3, gt=0, description="peak learning rate (cosine schedule)")
@@ -371,9 +384,21 @@ class ConsistencyParams(_Strict):
     labelled_share: float = Field(
         default=0.2, gt=0, lt=1, description="share of each batch drawn from the labelled set"
     )
+    weak: Augment = Field(
+        default=Augment(shift=0.08),
+        description="the weak view's augmentation (the labelled items get it too)",
+    )
     strong: Augment = Field(
-        default=Augment(shift=0.2, rotate=25, scale=0.25, lowres_prob=0.3, lowres_min=10),
+        default=Augment(
+            shift=0.2, rotate=25, scale=0.25, lowres_prob=0.3, lowres_min=10, elastic=34
+        ),
         description="the strong view's augmentation",
+    )
+    ema: float | None = Field(
+        default=0.999,
+        gt=0,
+        lt=1,
+        description="decay of the moving average of the weights that is validated and kept",
     )
     cutout: int = Field(default=10, ge=0, description="side of the square blanked in it, pixels")
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from graftline import distributed
@@ -250,6 +251,14 @@ def fit(
         kwargs.update(momentum=0.9, nesterov=True)
     optimizer = opt_cls[cfg.optimizer](param_groups, lr=cfg.lr, **kwargs)
     trainable = [t for g in param_groups for t in g["params"]]
+    # cfg.ema: an exponential moving average of the weights (PyTorch's AveragedModel) is
+    # what validation judges and what training leaves in the model.
+    ema = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+        if cfg.ema
+        else None
+    )
+    judged = ema.module if ema is not None else model
     base_lrs = [g["lr"] for g in optimizer.param_groups]
 
     history: list[dict[str, float]] = []
@@ -264,6 +273,8 @@ def fit(
             model.load_state_dict(state["model"])
             objective.load_state_dict(state.get("objective", {}))
             optimizer.load_state_dict(state["optimizer"])
+            if ema is not None and state.get("ema") is not None:
+                ema.load_state_dict(state["ema"])
             history = list(state["history"])
             best_state = state["best_state"]
             best_key = tuple(state["best_key"]) if state["best_key"] is not None else None
@@ -315,8 +326,7 @@ def fit(
                 raw = raw.pin_memory().to(device, non_blocking=True)
                 yb = yb.pin_memory().to(device, non_blocking=True)
             xb = to_float(raw)
-            a = cfg.augment
-            xb = augment_batch(xb, gen, a.shift, a.rotate, a.scale, a.lowres_prob, a.lowres_min)
+            xb = augment_batch(xb, gen, **cfg.augment.model_dump())
             xb = xb.contiguous(memory_format=layout)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                 loss, predicted = objective.step(model, xb, yb, gen)
@@ -330,6 +340,8 @@ def fit(
             if world > 1:
                 distributed.average_gradients(trainable)
             optimizer.step()
+            if ema is not None:
+                ema.update_parameters(model)
             step += 1
             run_loss += loss.item() * len(idx)
             if predicted is not None:
@@ -352,20 +364,20 @@ def fit(
             del record["train_acc"]
         if xv is not None:
             if world > 1:  # rank 0 validates; every rank takes its decision from the figures
-                distributed.broadcast_buffers(model)
+                distributed.broadcast_buffers(judged)
                 vloss, vacc = (
-                    objective.validate(model, xv, yv, x=bank_x, y=bank_y, **knn)
+                    objective.validate(judged, xv, yv, x=bank_x, y=bank_y, **knn)
                     if rank == 0
                     else (0.0, 0.0)
                 )
                 vloss, vacc = distributed.broadcast_floats(vloss, vacc)
             else:
-                vloss, vacc = objective.validate(model, xv, yv, x=bank_x, y=bank_y, **knn)
+                vloss, vacc = objective.validate(judged, xv, yv, x=bank_x, y=bank_y, **knn)
             record.update({"val_loss": vloss, objective.val_acc_name: vacc})
             key = (vacc, -vloss)
             if best_key is None or key > best_key:
                 best_key, best_epoch, bad_epochs = key, epoch, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_state = {k: v.detach().clone() for k, v in judged.state_dict().items()}
             else:
                 bad_epochs += 1
                 if cfg.patience and bad_epochs >= cfg.patience:
@@ -402,6 +414,7 @@ def fit(
                     "model": model.state_dict(),
                     "objective": objective.state_dict(),
                     "optimizer": optimizer.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else None,
                     "history": history,
                     "best_state": best_state,
                     "best_key": list(best_key) if best_key is not None else None,
@@ -423,6 +436,8 @@ def fit(
         model.load_state_dict(best_state)
     else:
         best_epoch = len(history) - 1
+        if ema is not None:
+            model.load_state_dict(ema.module.state_dict())
     model.eval()
     return FitResult(
         history=history,

@@ -186,7 +186,14 @@ def _consistency(
         transform=train.transform,
     )
     cfg = d.train.model_copy(
-        update={"epochs": c.epochs, "lr": c.lr, "schedule": "cosine", "patience": None}
+        update={
+            "epochs": c.epochs,
+            "lr": c.lr,
+            "schedule": "cosine",
+            "patience": None,
+            "augment": c.weak,
+            "ema": c.ema,
+        }
     )
     log.info(
         "distill: consistency over %d corpus images and %d labelled (x%d), %d epochs",

@@ -40,10 +40,12 @@ def test_learns_held_out_data() -> None:
     assert acc > 0.9
 
 
-def test_resume_after_crash_matches_uninterrupted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ema", [None, 0.9])
+def test_resume_after_crash_matches_uninterrupted(tmp_path: Path, ema: float | None) -> None:
     train, val = data(20, 0), data(6, 1)
+    cfg = CFG.model_copy(update={"ema": ema})
     full = fresh()
-    fit(full, train, val, CFG, seed=3, progress=False)
+    fit(full, train, val, cfg, seed=3, progress=False)
 
     class Crash(Exception):
         pass
@@ -59,7 +61,7 @@ def test_resume_after_crash_matches_uninterrupted(tmp_path: Path) -> None:
             interrupted,
             train,
             val,
-            CFG,
+            cfg,
             seed=3,
             resume_path=ckpt,
             fingerprint="run",
@@ -69,12 +71,34 @@ def test_resume_after_crash_matches_uninterrupted(tmp_path: Path) -> None:
     assert ckpt.exists()
     resumed = fresh()  # a new process would start from fresh weights
     result = fit(
-        resumed, train, val, CFG, seed=3, resume_path=ckpt, fingerprint="run", progress=False
+        resumed, train, val, cfg, seed=3, resume_path=ckpt, fingerprint="run", progress=False
     )
     assert result.resumed_from == 2
     assert len(result.history) == 4
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+
+
+def test_ema_keeps_the_moving_average_of_the_weights() -> None:
+    # One step per epoch and no validation: the weights after each epoch are the weights
+    # after each step, and EMA does not change them, so a plain run gives the trajectory.
+    train = data(16, 0)
+    cfg = CFG.model_copy(update={"batch_size": len(train), "epochs": 5})
+    plain, trajectory = fresh(), []
+
+    def snapshot(_: dict) -> None:
+        trajectory.append({k: v.detach().clone() for k, v in plain.named_parameters()})
+
+    fit(plain, train, None, cfg, seed=1, on_epoch_end=snapshot, progress=False)
+    averaged = fresh()
+    fit(averaged, train, None, cfg.model_copy(update={"ema": 0.6}), seed=1, progress=False)
+    expected = dict(trajectory[0])  # the first update copies the weights
+    for w in trajectory[1:]:
+        expected = {k: 0.6 * expected[k] + 0.4 * w[k] for k in w}
+    for k, v in averaged.named_parameters():
+        torch.testing.assert_close(v, expected[k], msg=k)
+    last = dict(plain.named_parameters())
+    assert any(not torch.allclose(v, last[k]) for k, v in averaged.named_parameters())
 
 
 def test_checkpoint_of_another_run_is_ignored(tmp_path: Path) -> None:
