@@ -71,6 +71,7 @@ PRETRAIN_EPOCHS = {"contrastive-cnn": 25, "mae-vit": 15}  # ~7 and ~10 minutes o
 def route_params(route: str, args: argparse.Namespace, strategy: str | None = None) -> Params:
     """The params of one route, through the pipeline's schema."""
     q = args.quick
+    augment = {**AUGMENT, "elastic": args.elastic}
     pre_train = {
         "batch_size": 256,
         "lr": 0.003,
@@ -83,14 +84,14 @@ def route_params(route: str, args: argparse.Namespace, strategy: str | None = No
         "batch_size": 25,
         "lr": 0.003,
         "precision": args.precision,
-        "augment": AUGMENT,
+        "augment": augment,
     }
     distill_train = {
         "epochs": 1 if q else args.distill_epochs,
         "batch_size": 256,
         "lr": 0.003,
         "precision": args.precision,
-        "augment": AUGMENT,
+        "augment": augment,
         "max_steps": 20 if q else None,
     }
     if route == "mae-vit":
@@ -156,6 +157,12 @@ def main() -> None:
         type=int,
         default=0,
         help="distill.consistency.epochs: FixMatch-style epochs after distillation",
+    )
+    ap.add_argument(
+        "--elastic",
+        type=float,
+        default=0.0,
+        help="elastic distortion (alpha, pixels) in fine-tuning's and distillation's augmentation",
     )
     ap.add_argument("--hard-weight", type=float, default=4.0, help="distill.hard_weight")
     ap.add_argument("--temperature", type=float, default=2.0)

@@ -240,6 +240,11 @@ class TrainConfig(_Strict):
     patience: int | None = Field(default=None, ge=1, description="early-stop patience (epochs)")
     augment: Augment = Augment()
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    keep: Literal["best", "last"] = Field(
+        default="best",
+        description="the weights training leaves: best (the epoch validation judged best) or "
+        "last (the final ones; where validation has nothing held out)",
+    )
     ema: float | None = Field(
         default=None,
         gt=0,

@@ -167,7 +167,8 @@ def fit(
     objective: Objective | None = None,
     probe: tuple[Dataset, Dataset] | None = None,
 ) -> FitResult:
-    """Train ``model`` in place and leave it holding the best validation weights.
+    """Train ``model`` in place and leave it holding the best validation weights (or, with
+    ``cfg.keep: last``, the final ones; with ``cfg.ema``, those of the moving average).
 
     Args:
         model: the network; trained on ``train``, early-stopped on ``val``.
@@ -432,12 +433,14 @@ def fit(
         g.module.requires_grad_(True)
     model.to(device="cpu", memory_format=torch.contiguous_format)  # checkpoints: CPU, usual layout
     objective.to("cpu")
-    if best_state is not None:
+    if best_state is not None and cfg.keep == "best":
         model.load_state_dict(best_state)
     else:
         best_epoch = len(history) - 1
         if ema is not None:
             model.load_state_dict(ema.module.state_dict())
+        if history and objective.val_acc_name in history[-1]:
+            best_key = (history[-1][objective.val_acc_name], -history[-1]["val_loss"])
     model.eval()
     return FitResult(
         history=history,

@@ -185,6 +185,8 @@ def _consistency(
         f"{pool.source} + {train.source} x{repeat}",
         transform=train.transform,
     )
+    # FixMatch keeps the final moving average: a validation split of a few labels is right
+    # on every epoch and cannot choose among them.
     cfg = d.train.model_copy(
         update={
             "epochs": c.epochs,
@@ -193,6 +195,7 @@ def _consistency(
             "patience": None,
             "augment": c.weak,
             "ema": c.ema,
+            "keep": "last",
         }
     )
     log.info(

@@ -144,6 +144,27 @@ def test_early_stopping_keeps_best_weights() -> None:
     assert acc == pytest.approx(result.best_val_acc)
 
 
+def test_keep_last_leaves_the_final_weights_whatever_validation_prefers() -> None:
+    # Validation on wrong labels prefers an early, unsure epoch; keep: last ignores it.
+    train, val = data(20, 0), data(6, 1)
+    val = Dataset(val.images, (val.labels + 1) % 3, val.classes, "wrong labels")
+    cfg = CFG.model_copy(update={"epochs": 6, "lr": 1e-2, "keep": "last"})
+    model, final = fresh(), {}
+
+    def snapshot(_: dict) -> None:
+        final.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    result = fit(model, train, val, cfg, seed=0, on_epoch_end=snapshot, progress=False)
+    assert result.best_epoch == 6
+    assert result.best_val_acc == result.history[-1]["val_acc"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, final[k]), k
+    best = fresh()
+    judged = fit(best, train, val, cfg.model_copy(update={"keep": "best"}), seed=0, progress=False)
+    assert judged.best_epoch < 6
+    assert any(not torch.equal(v, final[k]) for k, v in best.state_dict().items())
+
+
 def test_bf16_mixed_precision_learns_and_is_deterministic() -> None:
     cfg = CFG.model_copy(update={"precision": "bf16"})
     a, b = fresh(), fresh()
