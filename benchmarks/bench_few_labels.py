@@ -29,6 +29,7 @@ run, minutes; its figures mean nothing).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -124,9 +125,10 @@ def route_params(route: str, args: argparse.Namespace, strategy: str | None = No
                 "model": CNN,
                 "train": distill_train,
                 "consistency": {
+                    **json.loads(args.consistency),
                     "epochs": (1 if args.consistency_epochs else 0)
                     if q
-                    else args.consistency_epochs
+                    else args.consistency_epochs,
                 },
             },
         }
@@ -157,6 +159,12 @@ def main() -> None:
         type=int,
         default=0,
         help="distill.consistency.epochs: FixMatch-style epochs after distillation",
+    )
+    ap.add_argument(
+        "--consistency",
+        default="{}",
+        metavar="JSON",
+        help='other distill.consistency params, e.g. \'{"ema": 0.999, "keep": "last"}\'',
     )
     ap.add_argument(
         "--elastic",

@@ -185,17 +185,15 @@ def _consistency(
         f"{pool.source} + {train.source} x{repeat}",
         transform=train.transform,
     )
-    # FixMatch keeps the final moving average: a validation split of a few labels is right
-    # on every epoch and cannot choose among them.
     cfg = d.train.model_copy(
         update={
             "epochs": c.epochs,
             "lr": c.lr,
             "schedule": "cosine",
             "patience": None,
-            "augment": c.weak,
+            "augment": c.weak if c.weak is not None else d.train.augment,
             "ema": c.ema,
-            "keep": "last",
+            "keep": c.keep,
         }
     )
     log.info(

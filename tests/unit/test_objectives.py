@@ -280,13 +280,22 @@ def test_distill_stage_student_learns_the_teachers_soft_labels(tmp_path: Path) -
     )
     assert alone_agree < agree - 0.1, (alone_agree, agree)
 
-    # Then consistency on the corpus: the student goes on from the distilled weights, the
-    # history and the metrics say so, and it still agrees with the teacher.
+    # Then consistency on the corpus, FixMatch's way (a weak view of its own, an elastic
+    # strong view, the final moving average kept): the student goes on from the distilled
+    # weights, the history and the metrics say so, and it still agrees with the teacher.
     raw = params.model_dump()
-    raw["distill"]["consistency"] = {"epochs": 3, "threshold": 0.8}
+    raw["distill"]["consistency"] = {
+        "epochs": 3,
+        "threshold": 0.8,
+        "weak": {"shift": 0.05},
+        "strong": {"shift": 0.1, "elastic": 20},
+        "ema": 0.9,
+        "keep": "last",
+    }
     more = parse_params(raw)
     again = distill.run(more, out=tmp_path / "student2", **kw)
     assert again["metrics"]["consistency_epochs"] == 3
+    assert again["metrics"]["best_epoch"] == 3  # keep: last
     assert again["metrics"]["distilled_val_acc"] == result["metrics"]["val_acc"]
     assert len(again["history"]["student"]) == len(result["history"]["student"]) + 3
     student2, _ = load_checkpoint(tmp_path / "student2" / "model.pt")
