@@ -18,7 +18,7 @@ the figures are the pipeline's. Routes:
   baseline), then distilled;
 - ``contrastive-cnn``: SimCLR pretraining of the CNN, full fine-tuning, then distilled;
 - ``mae-vit``: MAE pretraining of a ViT, LoRA fine-tuning (and full fine-tuning, for the
-  comparison), then distilled.
+  comparison; `--strategies`), then distilled.
 
 Pretraining reads no label, so it runs once per route; fine-tuning and distillation run once
 per draw. Prints mean ± std test error per route and step, with minutes, beside the published
@@ -148,6 +148,13 @@ def main() -> None:
     ap.add_argument("--draws", type=int, nargs="+", default=[0, 1, 2], help="label-draw seeds")
     ap.add_argument("--routes", nargs="+", default=["supervised", "contrastive-cnn", "mae-vit"])
     ap.add_argument(
+        "--strategies",
+        nargs="+",
+        choices=["lora", "full"],
+        default=["lora", "full"],
+        help="fine-tuning strategies of the mae-vit route",
+    )
+    ap.add_argument(
         "--pretrain-epochs",
         type=int,
         help=f"over the 60,000 images (default per route: {PRETRAIN_EPOCHS})",
@@ -239,7 +246,7 @@ def main() -> None:
                 reports=base / "reports",
                 checkpoints=base / "ck",
             )
-        strategies = ["lora", "full"] if route == "mae-vit" else [None]
+        strategies = args.strategies if route == "mae-vit" else [None]
         for draw, labelled in draws.items():
             task = base / f"task-{draw}"
             save_splits(task, {"train": labelled, "val": labelled, "test": test}, {})
