@@ -340,29 +340,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # --params may also follow the command (`graftline run --params FILE`, as the README
+    # writes it); there it overrides the one before the command.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--params", type=Path, default=argparse.SUPPRESS, help="as --params before COMMAND"
+    )
 
-    p = sub.add_parser("run", help="run the pipeline as a Prefect flow, then gate and deploy")
+    def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    p = command("run", help="run the pipeline as a Prefect flow, then gate and deploy")
     p.add_argument("--no-deploy", action="store_true", help="stop after evaluate")
     p.add_argument("--push", action="store_true", help="dvc push data and models afterwards")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser(
-        "promote", help="make VERSION the champion (through the gate unless --force)"
-    )
+    p = command("promote", help="make VERSION the champion (through the gate unless --force)")
     p.add_argument("version", help="registered model version number")
     p.add_argument("--force", action="store_true", help="skip the gate (never the race check)")
     p.add_argument("--reason", default="", help="why, recorded in the history")
     p.set_defaults(func=cmd_promote)
 
-    p = sub.add_parser("rollback", help="put back the champion the current one replaced")
+    p = command("rollback", help="put back the champion the current one replaced")
     p.add_argument("--reason", default="manual rollback", help="why, recorded in the history")
     p.set_defaults(func=cmd_rollback)
 
-    p = sub.add_parser("history", help="champions over time, with reasons")
+    p = command("history", help="champions over time, with reasons")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_history)
 
-    p = sub.add_parser(
+    p = command(
         "status",
         help="one screen: what is stale, the champion, the last and next flow run, the servers",
         description="What DVC finds stale, which version is champion (accuracy, since when), "
@@ -377,9 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser(
-        "serve", help="HTTP service and web page for the champion (follows the alias)"
-    )
+    p = command("serve", help="HTTP service and web page for the champion (follows the alias)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--poll", type=float, default=2.0, help="seconds between alias checks")
@@ -392,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("predict", help="batch prediction: folder of images or CSV -> CSV")
+    p = command("predict", help="batch prediction: folder of images or CSV -> CSV")
     p.add_argument("input", type=Path, help="a folder of images or a CSV of pixel columns")
     p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="output CSV")
     p.add_argument("--version", help="registered version (default: the champion)")
@@ -404,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser(
+    p = command(
         "reproduce",
         help="rebuild a registered version from its lineage and compare the weights",
         description="Check out the version's git commit in a fresh worktree, bring its data "
@@ -417,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="keep the worktree for a closer look")
     p.set_defaults(func=cmd_reproduce)
 
-    p = sub.add_parser(
+    p = command(
         "schedule",
         help="retrain on a cron schedule: serve the Prefect deployment until stopped",
         description="Serve the deployment graftline-pipeline/scheduled-retraining: at every "

@@ -276,6 +276,20 @@ def test_cli_run_rejects_bad_params_before_starting_anything(tmp_path: Path) -> 
     assert proc.returncode == 2
     assert "no section 'distill', which the stages in dvc.yaml track" in proc.stderr
     assert not (repo / "mlflow.db").exists()
+    # The README's order, `graftline run --params FILE`: the preset is read, and refused
+    # before it replaces params.yaml.
+    before = (repo / "params.yaml").read_text()
+    (repo / "params").mkdir(exist_ok=True)
+    params["finetune"]["train"]["epochs"] = -2
+    (repo / "params" / "bad.yaml").write_text(yaml.safe_dump(params))
+    proc = sh(
+        [sys.executable, "-m", "graftline.cli", "run", "--params", "params/bad.yaml"],
+        repo,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "params/bad.yaml" in proc.stderr and "finetune.train.epochs" in proc.stderr
+    assert (repo / "params.yaml").read_text() == before
 
 
 def test_killed_cli_run_leaves_no_prefect_server(tmp_path: Path) -> None:
