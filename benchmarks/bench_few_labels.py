@@ -85,7 +85,7 @@ def route_params(route: str, args: argparse.Namespace, strategy: str | None = No
         "batch_size": 25,
         "lr": 0.003,
         "precision": args.precision,
-        "augment": augment,
+        "augment": {**augment, "elastic": args.finetune_elastic or args.elastic},
     }
     distill_train = {
         "epochs": 1 if q else args.distill_epochs,
@@ -178,6 +178,12 @@ def main() -> None:
         type=float,
         default=0.0,
         help="elastic distortion (alpha, pixels) in fine-tuning's and distillation's augmentation",
+    )
+    ap.add_argument(
+        "--finetune-elastic",
+        type=float,
+        default=0.0,
+        help="elastic distortion in fine-tuning's augmentation alone (overrides --elastic there)",
     )
     ap.add_argument("--hard-weight", type=float, default=4.0, help="distill.hard_weight")
     ap.add_argument("--temperature", type=float, default=2.0)
