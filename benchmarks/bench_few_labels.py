@@ -130,6 +130,11 @@ def route_params(route: str, args: argparse.Namespace, strategy: str | None = No
                     if q
                     else args.consistency_epochs,
                 },
+                "propagate": {
+                    **json.loads(args.propagate),
+                    "rounds": args.propagate_rounds,
+                    **({"epochs": 1} if q else {}),
+                },
             },
         }
     )
@@ -172,6 +177,18 @@ def main() -> None:
         default="{}",
         metavar="JSON",
         help='other distill.consistency params, e.g. \'{"ema": 0.999, "keep": "last"}\'',
+    )
+    ap.add_argument(
+        "--propagate-rounds",
+        type=int,
+        default=0,
+        help="distill.propagate.rounds: label-propagation rounds after distillation",
+    )
+    ap.add_argument(
+        "--propagate",
+        default="{}",
+        metavar="JSON",
+        help='other distill.propagate params, e.g. \'{"neighbours": 30, "epochs": 6}\'',
     )
     ap.add_argument(
         "--elastic",
@@ -291,7 +308,7 @@ def main() -> None:
                 total = pretrain_minutes + ft_minutes + d_minutes
                 for step, e, minutes in (
                     ("fine-tuned", err, pretrain_minutes + ft_minutes),
-                    ("+ distil", student_err, total),
+                    (distil_step(p), student_err, total),
                 ):
                     rows.append(
                         {
@@ -313,6 +330,17 @@ def main() -> None:
         print(f"kept {work}")
     else:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def distil_step(p: Params) -> str:
+    """The name of the distilled row: which phases ran after distillation."""
+    d = p.distill
+    step = "+ distil"
+    if d.consistency.epochs:
+        step += f" + {d.consistency.epochs} consistency epochs"
+    if d.propagate.rounds:
+        step += f" + {d.propagate.rounds} propagation rounds"
+    return step
 
 
 def _arch_only(base: Path, labelled: Dataset) -> Path:

@@ -390,6 +390,9 @@ class ConsistencyParams(_Strict):
         default=0.95, gt=0, le=1, description="confidence a prediction needs to be a target"
     )
     weight: float = Field(default=1.0, ge=0, description="of the unlabelled term")
+    weight_decay: float | None = Field(
+        default=None, ge=0, description="none: distill.train.weight_decay"
+    )
     labelled_share: float = Field(
         default=0.2, gt=0, lt=1, description="share of each batch drawn from the labelled set"
     )
@@ -415,6 +418,30 @@ class ConsistencyParams(_Strict):
     cutout: int = Field(default=10, ge=0, description="side of the square blanked in it, pixels")
 
 
+class PropagateParams(_Strict):
+    """After distillation (and consistency), rounds of label propagation (Iscen et al., 2019):
+    the student's features of the corpus and the labelled set make a k-nearest-neighbour
+    graph, the labels spread along it, and the student trains on the labels that reach each
+    corpus image, then the next round spreads over its new features. Each round trains with a
+    cosine schedule and keeps its last weights: the labels the corpus got are the target, and a
+    small validation split has little to say about them."""
+
+    rounds: int = Field(default=0, ge=0, description="rounds of propagate-then-train; 0: off")
+    neighbours: int = Field(default=50, ge=1, description="k of the k-nearest-neighbour graph")
+    alpha: float = Field(
+        default=0.99, gt=0, lt=1, description="how much of a label comes from the neighbours"
+    )
+    epochs: int = Field(default=4, ge=1, description="training epochs over the corpus per round")
+    lr: float = Field(default=1e-3, gt=0, description="peak learning rate (cosine schedule)")
+    weight_decay: float = Field(default=1e-4, ge=0)
+    labelled_share: float = Field(
+        default=0.2, gt=0, lt=1, description="share of each batch drawn from the labelled set"
+    )
+    augment: Augment | None = Field(
+        default=None, description="the training augmentation; none: distill.train.augment"
+    )
+
+
 class DistillParams(_Strict):
     """Distillation (Hinton et al., 2015): the fine-tuned model labels the pretraining corpus
     with soft targets and a student trains on them plus the labelled set."""
@@ -435,6 +462,7 @@ class DistillParams(_Strict):
     )
     train: TrainConfig = TrainConfig()
     consistency: ConsistencyParams = ConsistencyParams()
+    propagate: PropagateParams = PropagateParams()
 
 
 class SvcParams(_Strict):

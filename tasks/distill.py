@@ -25,7 +25,8 @@ from graftline.errors import ArtifactError
 from graftline.io import write_json, write_text
 from graftline.models import build_classifier, save_checkpoint
 from graftline.models.checkpoint import load_checkpoint
-from graftline.objectives import Consistency, Distillation
+from graftline.objectives import Consistency, Distillation, features
+from graftline.propagation import propagate_labels
 from graftline.train import FitResult, fit, predict_proba
 from tasks import paths
 from tasks._stage import stage_main
@@ -121,6 +122,11 @@ def run(
     if d.consistency.epochs:
         result = _consistency(params, student, pool, train, val, checkpoints, fp)
         history += [{**r, "epoch": len(history) + r["epoch"]} for r in result.history]
+    propagated: list[dict[str, float]] = []
+    for r in range(d.propagate.rounds):
+        result, summary = _propagate_round(params, student, pool, train, val, checkpoints, fp, r)
+        history += [{**row, "epoch": len(history) + row["epoch"]} for row in result.history]
+        propagated.append(summary)
     if not distributed.is_main():  # under torchrun, rank 0 alone writes
         return {}
     n_student = sum(t.numel() for t in student.parameters())
@@ -138,6 +144,10 @@ def run(
     if d.consistency.epochs:
         metrics["distilled_val_acc"] = distilled_val_acc
         metrics["consistency_epochs"] = d.consistency.epochs
+    if propagated:
+        metrics["propagate_rounds"] = len(propagated)
+        metrics["propagate_changed"] = propagated[-1]["changed"]
+        metrics["propagate_unreached"] = propagated[-1]["unreached"]
     save_checkpoint(
         out / paths.MODEL_FILE,
         student,
@@ -164,6 +174,22 @@ def run(
     }
 
 
+def _beside_labels(
+    pool: Dataset, pool_labels: np.ndarray, train: Dataset, share: float
+) -> tuple[Dataset, int]:
+    """The corpus with ``pool_labels`` (``-1``: unlabelled), then the labelled set repeated
+    to make ``share`` of the items, so that each batch holds some; and the repeat count."""
+    repeat = max(1, math.ceil(share / (1 - share) * len(pool) / len(train)))
+    items = Dataset(
+        np.concatenate([pool.images, *[train.images] * repeat]),
+        np.concatenate([pool_labels.astype(np.int64), np.tile(train.labels, repeat)]),
+        train.classes,
+        f"{pool.source} + {train.source} x{repeat}",
+        transform=train.transform,
+    )
+    return items, repeat
+
+
 def _consistency(
     params: Params,
     student: torch.nn.Module,
@@ -177,18 +203,12 @@ def _consistency(
     (``distill.consistency``); the labelled set is repeated to make ``labelled_share`` of the
     items, so that each batch holds some."""
     d, c = params.distill, params.distill.consistency
-    repeat = max(1, math.ceil(c.labelled_share / (1 - c.labelled_share) * len(pool) / len(train)))
-    items = Dataset(
-        np.concatenate([pool.images, *[train.images] * repeat]),
-        np.concatenate([np.full(len(pool), -1, np.int64), np.tile(train.labels, repeat)]),
-        train.classes,
-        f"{pool.source} + {train.source} x{repeat}",
-        transform=train.transform,
-    )
+    items, repeat = _beside_labels(pool, np.full(len(pool), -1, np.int64), train, c.labelled_share)
     cfg = d.train.model_copy(
         update={
             "epochs": c.epochs,
             "lr": c.lr,
+            "weight_decay": d.train.weight_decay if c.weight_decay is None else c.weight_decay,
             "schedule": "cosine",
             "patience": None,
             "augment": c.weak if c.weak is not None else d.train.augment,
@@ -215,6 +235,65 @@ def _consistency(
         desc="student (consistency)",
         objective=objective,
     )
+
+
+def _propagate_round(
+    params: Params,
+    student: torch.nn.Module,
+    pool: Dataset,
+    train: Dataset,
+    val: Dataset,
+    checkpoints: Path,
+    fp: str,
+    r: int,
+) -> tuple[FitResult, dict[str, float]]:
+    """One round of ``distill.propagate``: the labels spread over the k-NN graph of the
+    student's features of the corpus and the labelled set, and the student trains on the
+    class that reaches each corpus image (where none does, on its own prediction)."""
+    d, p = params.distill, params.distill.propagate
+    images = torch.from_numpy(np.concatenate([pool.images, train.images]))
+    backbone = getattr(student, "backbone", student)
+    with torch.no_grad():
+        feats = features(backbone, images).float().cpu().numpy()
+    seeds = np.concatenate([np.full(len(pool), -1), train.labels])
+    dist = propagate_labels(feats, seeds, len(train.classes), p.neighbours, p.alpha)[: len(pool)]
+    own = predict_proba(student, pool.images).argmax(1)
+    reached = dist.sum(1) > 0
+    labels = np.where(reached, dist.argmax(1), own)
+    summary = {"changed": float(np.mean(labels != own)), "unreached": float(np.mean(~reached))}
+    log.info(
+        "distill: propagation round %d/%d: the labels spread over %d images; %.2f %% of the "
+        "corpus changed class against the student's own prediction, %.2f %% out of reach",
+        r + 1,
+        p.rounds,
+        len(images),
+        100 * summary["changed"],
+        100 * summary["unreached"],
+    )
+    items, _ = _beside_labels(pool, labels, train, p.labelled_share)
+    cfg = d.train.model_copy(
+        update={
+            "epochs": p.epochs,
+            "lr": p.lr,
+            "weight_decay": p.weight_decay,
+            "schedule": "cosine",
+            "patience": None,
+            "augment": p.augment if p.augment is not None else d.train.augment,
+            "ema": None,
+            "keep": "last",
+        }
+    )
+    result = fit(
+        student,
+        items,
+        val,
+        cfg,
+        seed=d.seed + 2 + r,
+        resume_path=checkpoints / "distill" / f"propagate-{r}.pt",
+        fingerprint=fingerprint(fp, f"propagate-{r}"),
+        desc=f"student (propagation {r + 1}/{p.rounds})",
+    )
+    return result, summary
 
 
 if __name__ == "__main__":

@@ -281,8 +281,9 @@ def test_distill_stage_student_learns_the_teachers_soft_labels(tmp_path: Path) -
     assert alone_agree < agree - 0.1, (alone_agree, agree)
 
     # Then consistency on the corpus, FixMatch's way (a weak view of its own, an elastic
-    # strong view, the final moving average kept): the student goes on from the distilled
-    # weights, the history and the metrics say so, and it still agrees with the teacher.
+    # strong view, the final moving average kept), then a round of label propagation: the
+    # student goes on from the distilled weights, the history and the metrics say so, and it
+    # still agrees with the teacher.
     raw = params.model_dump()
     raw["distill"]["consistency"] = {
         "epochs": 3,
@@ -292,12 +293,15 @@ def test_distill_stage_student_learns_the_teachers_soft_labels(tmp_path: Path) -
         "ema": 0.9,
         "keep": "last",
     }
+    raw["distill"]["propagate"] = {"rounds": 1, "neighbours": 10, "epochs": 2, "lr": 0.01}
     more = parse_params(raw)
     again = distill.run(more, out=tmp_path / "student2", **kw)
     assert again["metrics"]["consistency_epochs"] == 3
-    assert again["metrics"]["best_epoch"] == 3  # keep: last
+    assert again["metrics"]["propagate_rounds"] == 1
+    assert 0 <= again["metrics"]["propagate_changed"] < 0.5
+    assert again["metrics"]["best_epoch"] == 2  # each propagation round keeps its last epoch
     assert again["metrics"]["distilled_val_acc"] == result["metrics"]["val_acc"]
-    assert len(again["history"]["student"]) == len(result["history"]["student"]) + 3
+    assert len(again["history"]["student"]) == len(result["history"]["student"]) + 3 + 2
     student2, _ = load_checkpoint(tmp_path / "student2" / "model.pt")
     agree2 = np.mean(
         predict_proba(student2, ox[:, None]).argmax(1)
