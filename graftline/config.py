@@ -401,6 +401,10 @@ class ConsistencyParams(_Strict):
         description="the weak view's augmentation, the labelled items' too; none: "
         "distill.train.augment",
     )
+    labelled: Augment | None = Field(
+        default=None,
+        description="a further augmentation of the labelled items, on top of the weak view's",
+    )
     strong: Augment = Field(
         default=Augment(shift=0.2, rotate=25, scale=0.25, lowres_prob=0.3, lowres_min=10),
         description="the strong view's augmentation",
@@ -427,7 +431,7 @@ class PropagateParams(_Strict):
     small validation split has little to say about them."""
 
     rounds: int = Field(default=0, ge=0, description="rounds of propagate-then-train; 0: off")
-    neighbours: int = Field(default=50, ge=1, description="k of the k-nearest-neighbour graph")
+    neighbours: int = Field(default=30, ge=1, description="k of the k-nearest-neighbour graph")
     alpha: float = Field(
         default=0.99, gt=0, lt=1, description="how much of a label comes from the neighbours"
     )

@@ -110,7 +110,8 @@ class Consistency(Supervised):
     batch as the loop augmented it (the weak view) is the target of a strongly augmented
     view of the same image (``strong`` shifts, rotations, zooms, resolution loss, then a
     blanked ``cutout`` square), where its confidence reaches ``threshold``; labelled items get
-    cross-entropy. The loss is ``mean CE(labelled) + weight * mean(mask * CE(strong, target))``,
+    cross-entropy (after a further ``labelled`` augmentation, if given, on top of the weak
+    one). The loss is ``mean CE(labelled) + weight * mean(mask * CE(strong, target))``,
     each mean over its own items, as FixMatch weighs them.
     """
 
@@ -122,10 +123,12 @@ class Consistency(Supervised):
         weight: float = 1.0,
         strong: dict[str, Any] | None = None,
         cutout: int = 10,
+        labelled: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.threshold, self.weight, self.cutout = threshold, weight, cutout
         self.strong = dict(strong or {})
+        self.labelled = dict(labelled) if labelled else None  # more augmentation for labels
         self.masked_share = 0.0  # of the last batch's unlabelled items, for the curious
 
     def strong_view(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -158,7 +161,10 @@ class Consistency(Supervised):
             mask = (confidence >= self.threshold).float()
             self.masked_share = float(mask.mean())
             strong = self.strong_view(weak, generator)
-        logits = model(torch.cat([x[labelled], strong]))
+        xl = x[labelled]
+        if self.labelled is not None and len(xl):
+            xl = augment_batch(xl, generator, **self.labelled)
+        logits = model(torch.cat([xl, strong]))
         n_lab = int(labelled.sum())
         if n_lab:
             loss = loss + F.cross_entropy(logits[:n_lab], y[labelled])

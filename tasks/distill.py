@@ -1,5 +1,8 @@
 """Stage ``distill``: the fine-tuned model labels the pretraining corpus with soft targets, and a
 student trains on them plus the labelled set (the third step of "pretrain, fine-tune, distil").
+Then, if asked, it goes on learning from the corpus: FixMatch-style consistency
+(``distill.consistency``), then rounds of label propagation over its features
+(``distill.propagate``).
 
 Off by default (``distill.enabled: false``): the stage then writes a note in place of the
 student, and the fine-tuned model is the one that deploys.
@@ -223,7 +226,13 @@ def _consistency(
         repeat,
         c.epochs,
     )
-    objective = Consistency(c.threshold, c.weight, c.strong.model_dump(), c.cutout)
+    objective = Consistency(
+        c.threshold,
+        c.weight,
+        c.strong.model_dump(),
+        c.cutout,
+        c.labelled.model_dump() if c.labelled is not None else None,
+    )
     return fit(
         student,
         items,

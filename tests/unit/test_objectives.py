@@ -210,6 +210,24 @@ def test_consistency_targets_only_confident_predictions_of_the_weak_view() -> No
     assert model[1].weight.grad is not None and model[1].weight.grad.abs().sum() > 0
 
 
+def test_consistency_augments_labelled_items_further_only_when_asked() -> None:
+    """``labelled``: the labelled items reach the model through one more augmentation (the
+    loop's weak one came first); the unlabelled items' targets and views are unchanged."""
+    seen: list[torch.Tensor] = []
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 3))
+    model.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()) if m.training else None)
+    x = torch.zeros(12, 1, 28, 28)
+    x[:, :, 8:20, 12:16] = 1.0  # a bar, which a rotation moves
+    y = torch.tensor([0, 1, 2] * 3 + [-1] * 3)
+    Consistency(threshold=0.0, strong={}, cutout=0).step(model, x, y, torch.Generator())
+    torch.testing.assert_close(seen[-1][:9], x[:9])
+    more = Consistency(threshold=0.0, strong={}, cutout=0, labelled={"rotate": 30})
+    more.step(model, x, y, torch.Generator().manual_seed(0))
+    moved = (seen[-1][:9] - x[:9]).abs().flatten(1).sum(1)
+    assert (moved > 1).sum() >= 6, moved  # random angles in [-30, 30]: a few may be small
+    torch.testing.assert_close(seen[-1][9:], x[9:])  # the strong view (no augmentation) as is
+
+
 def test_distill_stage_student_learns_the_teachers_soft_labels(tmp_path: Path) -> None:
     """Stage-level: the student, a smaller CNN, sees one label per class but agrees with the teacher on
     the corpus far beyond what those labels alone would give; off, the stage writes a note."""
