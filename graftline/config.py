@@ -428,9 +428,22 @@ class PropagateParams(_Strict):
     graph, the labels spread along it, and the student trains on the labels that reach each
     corpus image, then the next round spreads over its new features. Each round trains with a
     cosine schedule and keeps its last weights: the labels the corpus got are the target, and a
-    small validation split has little to say about them."""
+    small validation split has little to say about them.
+
+    The graph compares the backbone's spatial representation by default, not the output vector
+    the head reads: training pulls the output vectors of the images the student misreads
+    towards the class it gives them, while one layer below they still sit among their
+    look-alikes (the README has the figures)."""
 
     rounds: int = Field(default=0, ge=0, description="rounds of propagate-then-train; 0: off")
+    features: Literal["spatial", "output"] = Field(
+        default="spatial",
+        description="what the graph compares: the backbone's per-position representation "
+        "(spatial: the CNN's last conv maps, the ViT's patch tokens) or its output vector",
+    )
+    pca: int = Field(
+        default=128, ge=0, description="principal components the features are reduced to; 0: all"
+    )
     neighbours: int = Field(default=30, ge=1, description="k of the k-nearest-neighbour graph")
     alpha: float = Field(
         default=0.99, gt=0, lt=1, description="how much of a label comes from the neighbours"

@@ -348,12 +348,17 @@ def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def features(backbone: nn.Module, x: torch.Tensor, bs: int = 1024) -> torch.Tensor:
-    """L2-normalised backbone features of uint8 images."""
+def features(
+    backbone: nn.Module, x: torch.Tensor, bs: int = 1024, spatial: bool = False
+) -> torch.Tensor:
+    """L2-normalised backbone features of uint8 images: the backbone's output, or with
+    ``spatial`` its per-position representation (``backbone.spatial``: the CNN's last conv
+    maps, the ViT's patch tokens) flattened."""
     backbone.eval()
     dev = next(backbone.parameters()).device
-    out = [backbone(to_float(x[i : i + bs].to(dev))) for i in range(0, len(x), bs)]
-    return F.normalize(torch.cat(out), dim=1)
+    run = backbone.spatial if spatial else backbone
+    out = [run(to_float(x[i : i + bs].to(dev))).flatten(1) for i in range(0, len(x), bs)]
+    return F.normalize(torch.cat(out).float(), dim=1)
 
 
 def knn_accuracy(

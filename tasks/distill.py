@@ -29,7 +29,7 @@ from graftline.io import write_json, write_text
 from graftline.models import build_classifier, save_checkpoint
 from graftline.models.checkpoint import load_checkpoint
 from graftline.objectives import Consistency, Distillation, features
-from graftline.propagation import propagate_labels
+from graftline.propagation import propagate_labels, reduce_features
 from graftline.train import FitResult, fit, predict_proba
 from tasks import paths
 from tasks._stage import stage_main
@@ -125,11 +125,10 @@ def run(
     if d.consistency.epochs:
         result = _consistency(params, student, pool, train, val, checkpoints, fp)
         history += [{**r, "epoch": len(history) + r["epoch"]} for r in result.history]
-    propagated: list[dict[str, float]] = []
+    summary: dict[str, float] | None = None  # the last propagation round's
     for r in range(d.propagate.rounds):
         result, summary = _propagate_round(params, student, pool, train, val, checkpoints, fp, r)
         history += [{**row, "epoch": len(history) + row["epoch"]} for row in result.history]
-        propagated.append(summary)
     if not distributed.is_main():  # under torchrun, rank 0 alone writes
         return {}
     n_student = sum(t.numel() for t in student.parameters())
@@ -147,10 +146,10 @@ def run(
     if d.consistency.epochs:
         metrics["distilled_val_acc"] = distilled_val_acc
         metrics["consistency_epochs"] = d.consistency.epochs
-    if propagated:
-        metrics["propagate_rounds"] = len(propagated)
-        metrics["propagate_changed"] = propagated[-1]["changed"]
-        metrics["propagate_unreached"] = propagated[-1]["unreached"]
+    if summary is not None:
+        metrics["propagate_rounds"] = d.propagate.rounds
+        metrics["propagate_changed"] = summary["changed"]
+        metrics["propagate_unreached"] = summary["unreached"]
     save_checkpoint(
         out / paths.MODEL_FILE,
         student,
@@ -262,8 +261,14 @@ def _propagate_round(
     d, p = params.distill, params.distill.propagate
     images = torch.from_numpy(np.concatenate([pool.images, train.images]))
     backbone = getattr(student, "backbone", student)
-    with torch.no_grad():
-        feats = features(backbone, images).float().cpu().numpy()
+    spatial = p.features == "spatial"
+    if spatial and not hasattr(backbone, "spatial"):
+        raise ArtifactError(
+            f"distill.propagate.features: spatial: the {type(backbone).__name__} backbone has no "
+            "spatial representation; set features: output"
+        )
+    feats = features(backbone, images, spatial=spatial).cpu().numpy()
+    feats = reduce_features(feats, p.pca, d.seed)
     seeds = np.concatenate([np.full(len(pool), -1), train.labels])
     dist = propagate_labels(feats, seeds, len(train.classes), p.neighbours, p.alpha)[: len(pool)]
     own = predict_proba(student, pool.images).argmax(1)
@@ -271,11 +276,14 @@ def _propagate_round(
     labels = np.where(reached, dist.argmax(1), own)
     summary = {"changed": float(np.mean(labels != own)), "unreached": float(np.mean(~reached))}
     log.info(
-        "distill: propagation round %d/%d: the labels spread over %d images; %.2f %% of the "
-        "corpus changed class against the student's own prediction, %.2f %% out of reach",
+        "distill: propagation round %d/%d: the labels spread over %d images (%s features, %d "
+        "dims); %.2f %% of the corpus changed class against the student's own prediction, "
+        "%.2f %% out of reach",
         r + 1,
         p.rounds,
         len(images),
+        p.features,
+        feats.shape[1],
         100 * summary["changed"],
         100 * summary["unreached"],
     )

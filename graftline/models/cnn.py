@@ -49,3 +49,8 @@ class CNNBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dense(self.features(x))
+
+    def spatial(self, x: torch.Tensor) -> torch.Tensor:
+        """The last conv block's maps, ``(N, C, H, W)``: the per-position representation
+        below the dense layer."""
+        return self.features(x)

@@ -119,6 +119,12 @@ class ViTBackbone(nn.Module):
         seq = self.encode(self.embed(x))
         return seq[:, 0] if self.embed.cls is not None else seq.mean(dim=1)
 
+    def spatial(self, x: torch.Tensor) -> torch.Tensor:
+        """The patch tokens after the last block and norm, ``(N, patches, dim)``: the
+        per-position representation below the pooling (the class token left out)."""
+        seq = self.encode(self.embed(x))
+        return seq[:, 1:] if self.embed.cls is not None else seq
+
 
 def _init(m: nn.Module) -> None:
     if isinstance(m, nn.Linear):

@@ -80,3 +80,32 @@ def test_vit_attention_is_pytorchs_fused_attention() -> None:
 def test_vit_rejects_a_patch_that_does_not_tile_the_image() -> None:
     with pytest.raises(ValueError, match="not a multiple of patch_size 5"):
         build_classifier({**VIT, "patch_size": 5}, 1, 28, 3)
+
+
+@pytest.mark.parametrize(
+    ("model_cfg", "shape"),
+    [
+        (
+            {"arch": "cnn", "channels": [4, 8], "hidden": 16, "dropout": 0.1, "batch_norm": True},
+            (8, 5, 5),
+        ),
+        ({**VIT, "pool": "mean"}, (16, 16)),
+        ({**VIT, "pool": "cls"}, (16, 16)),  # the patch tokens, the class token left out
+    ],
+)
+def test_spatial_is_the_representation_the_output_pools(model_cfg: dict, shape: tuple) -> None:
+    from graftline.objectives import features
+
+    torch.manual_seed(0)
+    backbone = build_classifier(model_cfg, 1, 28, 3).backbone.eval()
+    x = torch.rand(6, 1, 28, 28)
+    with torch.no_grad():
+        maps, out = backbone.spatial(x), backbone(x)
+    assert maps.shape == (6, *shape)
+    if model_cfg["arch"] == "cnn":
+        torch.testing.assert_close(backbone.dense(maps), out)
+    elif model_cfg["pool"] == "mean":
+        torch.testing.assert_close(maps.mean(dim=1), out)
+    flat = features(backbone, (x * 255).to(torch.uint8), spatial=True)
+    assert flat.shape == (6, maps[0].numel())
+    torch.testing.assert_close(flat.norm(dim=1), torch.ones(6))

@@ -311,7 +311,13 @@ def test_distill_stage_student_learns_the_teachers_soft_labels(tmp_path: Path) -
         "ema": 0.9,
         "keep": "last",
     }
-    raw["distill"]["propagate"] = {"rounds": 1, "neighbours": 10, "epochs": 2, "lr": 0.01}
+    raw["distill"]["propagate"] = {
+        "rounds": 1,
+        "features": "output",
+        "neighbours": 10,
+        "epochs": 2,
+        "lr": 0.01,
+    }
     more = parse_params(raw)
     again = distill.run(more, out=tmp_path / "student2", **kw)
     assert again["metrics"]["consistency_epochs"] == 3
@@ -326,6 +332,12 @@ def test_distill_stage_student_learns_the_teachers_soft_labels(tmp_path: Path) -
         == predict_proba(teacher, ox[:, None]).argmax(1)
     )
     assert agree2 > 0.75, (agree2, again["metrics"])
+
+    # the graph over the spatial representation (the conv maps, reduced to 8 components)
+    raw["distill"]["propagate"].update(features="spatial", pca=8)
+    spatial = distill.run(parse_params(raw), out=tmp_path / "student3", **kw)
+    assert spatial["metrics"]["propagate_rounds"] == 1
+    assert 0 <= spatial["metrics"]["propagate_changed"] < 0.5
 
     off = parse_params({})
     distill.run(off, out=tmp_path / "off", **kw)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import make_moons
 
-from graftline.propagation import propagate_labels
+from graftline.propagation import propagate_labels, reduce_features
 
 
 def test_labels_follow_the_clusters_where_the_nearest_label_does_not() -> None:
@@ -48,3 +48,22 @@ def test_bad_labels_are_clear_errors(labels: np.ndarray, message: str) -> None:
     x = np.random.default_rng(0).normal(size=(10, 4))
     with pytest.raises(ValueError, match=message):
         propagate_labels(x, labels, 3, neighbours=3)
+
+
+def test_reduced_features_keep_their_neighbours() -> None:
+    # 400 points on a 6-dimensional subspace of 300 dimensions, with a little noise
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 6)) @ rng.normal(size=(6, 300)) + 0.01 * rng.normal(size=(400, 300))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    small = reduce_features(x, 8)
+    assert small.shape == (400, 8)
+    np.testing.assert_allclose(np.linalg.norm(small, axis=1), 1, rtol=1e-6)
+
+    def shared_neighbours(f: np.ndarray, g: np.ndarray) -> float:
+        """The mean share of each point's 5 nearest neighbours in f that are so in g too."""
+        a, b = (np.argsort(((h[:, None] - h[None]) ** 2).sum(-1), axis=1)[:, 1:6] for h in (f, g))
+        return float(np.mean([len(np.intersect1d(p, q)) / 5 for p, q in zip(a, b, strict=True)]))
+
+    assert shared_neighbours(x, small) > 0.95
+    assert shared_neighbours(x, reduce_features(x, 2)) < 0.8  # too few: the neighbours change
+    assert reduce_features(x, 0) is x and reduce_features(x, 300) is x
