@@ -101,6 +101,16 @@ def run(
         student = build_classifier(model_cfg, shape[0], shape[1], len(train.classes))
     except ValueError as err:
         raise ArtifactError(f"distill.model: {err}") from None
+    backbone = getattr(student, "backbone", student)
+    if (
+        d.propagate.rounds
+        and d.propagate.features == "spatial"
+        and not hasattr(backbone, "spatial")
+    ):
+        raise ArtifactError(  # said before training, not after
+            f"distill.propagate.features: spatial: the {type(backbone).__name__} backbone has no "
+            "spatial representation; set features: output"
+        )
     manifest = read_manifest(data)
     fp = fingerprint(
         d.model_dump(),
@@ -261,13 +271,7 @@ def _propagate_round(
     d, p = params.distill, params.distill.propagate
     images = torch.from_numpy(np.concatenate([pool.images, train.images]))
     backbone = getattr(student, "backbone", student)
-    spatial = p.features == "spatial"
-    if spatial and not hasattr(backbone, "spatial"):
-        raise ArtifactError(
-            f"distill.propagate.features: spatial: the {type(backbone).__name__} backbone has no "
-            "spatial representation; set features: output"
-        )
-    feats = features(backbone, images, spatial=spatial).cpu().numpy()
+    feats = features(backbone, images, spatial=p.features == "spatial").cpu().numpy()
     feats = reduce_features(feats, p.pca, d.seed)
     seeds = np.concatenate([np.full(len(pool), -1), train.labels])
     dist = propagate_labels(feats, seeds, len(train.classes), p.neighbours, p.alpha)[: len(pool)]
