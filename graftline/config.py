@@ -232,7 +232,16 @@ class DistributedConfig(_Strict):
 
 class TrainConfig(_Strict):
     epochs: int = Field(default=10, ge=1)
-    batch_size: int = Field(default=128, ge=1)
+    batch_size: int = Field(default=128, ge=1, description="items per batch (over all ranks)")
+    accumulate: int = Field(
+        default=1,
+        ge=1,
+        description="batches per optimiser step (gradient accumulation): a step sees "
+        "batch_size * accumulate items, with the memory of batch_size",
+    )
+    clip_grad_norm: float | None = Field(
+        default=None, gt=0, description="clip the gradients' global norm to this; none: off"
+    )
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)
@@ -264,7 +273,9 @@ class TrainConfig(_Strict):
         "when present); with cuda, batches go through pinned memory and precision bf16 "
         "autocasts on the GPU",
     )
-    max_steps: int | None = Field(default=None, ge=1, description="smoke runs: stop after N steps")
+    max_steps: int | None = Field(
+        default=None, ge=1, description="smoke runs: stop after N optimiser steps"
+    )
     distributed: DistributedConfig = Field(
         default=DistributedConfig(),
         description="nproc_per_node > 1: the stage runs under torchrun, each rank on a seeded "

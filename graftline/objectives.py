@@ -14,10 +14,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graftline.data.modules import Batch, DataModule, ImageData, Part
 from graftline.data.transforms import augment_batch
 from graftline.models.vit import Block, ViTBackbone
 
@@ -38,32 +40,30 @@ class Supervised(nn.Module):
         self.label_smoothing = label_smoothing
 
     def step(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+        self, model: nn.Module, batch: Batch, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss of a batch, and its logits' argmax (for the training accuracy)."""
-        logits = model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        logits = model(batch.inputs)
+        loss = F.cross_entropy(logits, batch.target, label_smoothing=self.label_smoothing)
         return loss, logits.argmax(1)
 
     @torch.no_grad()
-    def validate(
-        self, model: nn.Module, xv: torch.Tensor, yv: torch.Tensor, **_: Any
-    ) -> tuple[float, float]:
+    def validate(self, model: nn.Module, val: DataModule, **_: Any) -> tuple[float, float]:
         model.eval()
         dev = next(model.parameters()).device
-        loss, correct, bs = 0.0, 0, 1024
-        for i in range(0, len(xv), bs):
-            logits = model(to_float(xv[i : i + bs].to(dev)))
-            yb = yv[i : i + bs].to(dev)
-            loss += F.cross_entropy(logits, yb, reduction="sum").item()
-            correct += (logits.argmax(1) == yb).sum().item()
-        return loss / len(xv), correct / len(xv)
+        loss, correct = 0.0, 0
+        for batch in val.sequential(1024):
+            batch = val.to_device(batch, dev)
+            logits = model(batch.inputs)
+            loss += F.cross_entropy(logits, batch.target, reduction="sum").item()
+            correct += (logits.argmax(1) == batch.target).sum().item()
+        return loss / len(val), correct / len(val)
 
 
 class Distillation(Supervised):
-    """Knowledge distillation (Hinton et al., 2015) for a student: items ``0..N-1`` of the
-    training set carry a teacher's soft targets (probabilities at ``temperature``), the items
-    after them a hard label. The batch's labels are item indices into those tables.
+    """Knowledge distillation (Hinton et al., 2015) for a student: items with a teacher's
+    soft targets (``batch.extra["soft"]``: probabilities at ``temperature``, where
+    ``soft_mask``) and items with a hard label (the labelled set).
 
     Soft items: KL divergence between the teacher's and the student's softened distributions,
     times ``temperature**2`` (so gradients keep their scale); hard items: cross-entropy,
@@ -72,36 +72,26 @@ class Distillation(Supervised):
 
     reports_train_acc = False
 
-    def __init__(
-        self,
-        soft_targets: torch.Tensor,
-        hard_labels: torch.Tensor,
-        temperature: float = 2.0,
-        hard_weight: float = 1.0,
-    ) -> None:
+    def __init__(self, temperature: float = 2.0, hard_weight: float = 1.0) -> None:
         super().__init__()
-        self.register_buffer("soft", soft_targets.float(), persistent=False)
-        self.register_buffer("hard", hard_labels.long(), persistent=False)
         self.temperature, self.hard_weight = temperature, hard_weight
 
     def step(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+        self, model: nn.Module, batch: Batch, generator: torch.Generator
     ) -> tuple[torch.Tensor, None]:
-        logits = model(x)
-        n_soft = len(self.soft)
-        soft_items, hard_items = y < n_soft, y >= n_soft
+        logits = model(batch.inputs)
+        soft_items = batch.extra.get("soft_mask", torch.zeros_like(batch.labelled))
+        hard_items = batch.labelled & ~soft_items
         loss = logits.new_zeros(())
         if soft_items.any():
             t = self.temperature
             log_p = F.log_softmax(logits[soft_items] / t, dim=1)
-            kl = F.kl_div(log_p, self.soft[y[soft_items]], reduction="sum")
+            kl = F.kl_div(log_p, batch.extra["soft"][soft_items], reduction="sum")
             loss = loss + kl * t * t
         if hard_items.any():
-            ce = F.cross_entropy(
-                logits[hard_items], self.hard[y[hard_items] - n_soft], reduction="sum"
-            )
+            ce = F.cross_entropy(logits[hard_items], batch.target[hard_items], reduction="sum")
             loss = loss + self.hard_weight * ce
-        return loss / len(y), None
+        return loss / len(batch), None
 
 
 class Consistency(Supervised):
@@ -145,9 +135,10 @@ class Consistency(Supervised):
         return x * (~box).unsqueeze(1).to(x.dtype)
 
     def step(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+        self, model: nn.Module, batch: Batch, generator: torch.Generator
     ) -> tuple[torch.Tensor, None]:
-        unlabelled, labelled = y < 0, y >= 0
+        x, labelled = batch.inputs, batch.labelled
+        unlabelled = ~labelled
         loss = x.new_zeros(())
         strong = x[:0]
         target = mask = None
@@ -167,7 +158,7 @@ class Consistency(Supervised):
         logits = model(torch.cat([xl, strong]))
         n_lab = int(labelled.sum())
         if n_lab:
-            loss = loss + F.cross_entropy(logits[:n_lab], y[labelled])
+            loss = loss + F.cross_entropy(logits[:n_lab], batch.target[labelled])
         if target is not None and mask is not None:
             ce = F.cross_entropy(logits[n_lab:], target, reduction="none")
             loss = loss + self.weight * (ce * mask).mean()
@@ -196,42 +187,38 @@ class SelfSupervised(nn.Module):
         raise NotImplementedError
 
     def step(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+        self, model: nn.Module, batch: Batch, generator: torch.Generator
     ) -> tuple[torch.Tensor, None]:
-        return self.batch_loss(model, x, generator), None
+        return self.batch_loss(model, batch.inputs, generator), None
 
     @torch.no_grad()
     def validate(
         self,
         model: nn.Module,
-        xv: torch.Tensor,
-        yv: torch.Tensor,
+        val: DataModule,
         *,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        bank: tuple[torch.Tensor, torch.Tensor] | None = None,
-        query: tuple[torch.Tensor, torch.Tensor] | None = None,
+        bank: DataModule,
+        query: DataModule | None = None,
         **_: Any,
     ) -> tuple[float, float]:
-        """The loss on the validation split, and the k-NN accuracy of its features against
-        (up to 5,000 of) the training split's; labels serve the monitor only. A corpus
-        without labels is monitored on a labelled ``bank`` and ``query`` set instead."""
+        """The loss on the validation split (fixed randomness), and the k-NN accuracy of
+        ``query``'s features (default: the validation split's) against ``bank``'s (up to
+        5,000 labelled items: the training split's, or a labelled probe's for a corpus
+        without labels); labels serve the monitor only."""
         model.eval()
         self.eval()
         gen = torch.Generator().manual_seed(0)
         dev = next(model.parameters()).device
-        bs, loss = 512, 0.0
-        for i in range(0, len(xv), bs):
-            xb = to_float(xv[i : i + bs].to(dev))
-            loss += self.batch_loss(model, xb, gen).item() * len(xb)
-        bx, by = bank if bank is not None else (x, y)
-        qx, qy = query if query is not None else (xv, yv)
-        some = torch.arange(len(bx))[:: max(1, len(bx) // 5000)]
-        return loss / len(xv), knn_accuracy(
-            features(model.backbone, bx[some]),
-            by[some],
-            features(model.backbone, qx),
-            qy,
+        loss = 0.0
+        for batch in val.sequential(512):
+            x = val.to_device(batch, dev).inputs
+            loss += self.batch_loss(model, x, gen).item() * len(x)
+        query = query if query is not None else val
+        return loss / len(val), knn_accuracy(
+            features(model.backbone, bank),
+            torch.from_numpy(bank.labels),
+            features(model.backbone, query),
+            torch.from_numpy(query.labels),
             self.knn_k,
         )
 
@@ -349,15 +336,21 @@ def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
 
 @torch.no_grad()
 def features(
-    backbone: nn.Module, x: torch.Tensor, bs: int = 1024, spatial: bool = False
+    backbone: nn.Module,
+    data: DataModule | np.ndarray | torch.Tensor,
+    bs: int = 1024,
+    spatial: bool = False,
 ) -> torch.Tensor:
-    """L2-normalised backbone features of uint8 images: the backbone's output, or with
-    ``spatial`` its per-position representation (``backbone.spatial``: the CNN's last conv
-    maps, the ViT's patch tokens) flattened."""
+    """L2-normalised backbone features of a data module's items (or of uint8 images): the
+    backbone's output, or with ``spatial`` its per-position representation
+    (``backbone.spatial``: the CNN's last conv maps, the ViT's patch tokens) flattened."""
+    if not isinstance(data, DataModule):
+        images = data.numpy() if isinstance(data, torch.Tensor) else data
+        data = ImageData([Part(images, np.full(len(images), -1, np.int64))], [], {})
     backbone.eval()
     dev = next(backbone.parameters()).device
     run = backbone.spatial if spatial else backbone
-    out = [run(to_float(x[i : i + bs].to(dev))).flatten(1) for i in range(0, len(x), bs)]
+    out = [run(data.to_device(b, dev).inputs).flatten(1) for b in data.sequential(bs)]
     return F.normalize(torch.cat(out).float(), dim=1)
 
 
@@ -374,5 +367,5 @@ def knn_accuracy(
 
 
 Objective = (
-    Supervised | MaskedAutoencoder | Contrastive | Distillation
+    Supervised | MaskedAutoencoder | Contrastive | Distillation | Consistency
 )  # what graftline.train.fit takes

@@ -14,6 +14,7 @@ import logging
 import math
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 from graftline import distributed
 from graftline.config import Params
 from graftline.data.dataset import Dataset
+from graftline.data.modules import ImageData, Part
 from graftline.data.store import load_split, read_manifest
 from graftline.errors import ArtifactError
 from graftline.io import write_json, write_text
@@ -60,7 +62,9 @@ def run(
         return {"metrics": {"enabled": 0.0}}
 
     teacher_model, tck = load_checkpoint(teacher / paths.MODEL_FILE)
-    pool = load_split(corpus, "train")
+    # The corpus stays on disk, memory-mapped: every pass below reads it a batch at a time
+    # and the student's training set is its rows beside the labelled set's, never one array.
+    pool = load_split(corpus, "train", mmap=True)
     train, val = load_split(data, "train"), load_split(data, "val")
     shape = tuple(train.images.shape[1:])
     if tuple(pool.images.shape[1:]) != shape:
@@ -68,33 +72,28 @@ def run(
             f"{corpus}: corpus images are {tuple(pool.images.shape[1:])}, the task's {shape}; "
             "the teacher can only label images of its own input shape"
         )
+    rows = np.arange(len(pool))
     if d.corpus_limit and d.corpus_limit < len(pool):
-        keep = np.random.default_rng(d.seed).choice(len(pool), d.corpus_limit, replace=False)
-        pool = pool.subset(np.sort(keep))
-    soft = predict_proba(teacher_model, pool.images, temperature=d.temperature)
+        rows = np.sort(
+            np.random.default_rng(d.seed).choice(len(pool), d.corpus_limit, replace=False)
+        )
+    corpus_part = Part(pool.images, np.full(len(rows), -1, np.int64), index=rows)
+    corpus_items = ImageData([corpus_part], train.classes, train.transform)
+    soft = predict_proba(teacher_model, corpus_items, temperature=d.temperature)
     teacher_val = float(np.mean(predict_proba(teacher_model, val.images).argmax(1) == val.labels))
     log.info(
         "distill: the teacher labelled %d corpus images (T=%g); its val accuracy %.4f",
-        len(pool),
+        len(rows),
         d.temperature,
         teacher_val,
     )
-    # One training set: the corpus (soft targets) then the labelled items (hard labels); a
-    # label is the item's index into those tables (graftline.objectives.Distillation).
-    items = Dataset(
-        np.concatenate([pool.images, train.images]),
-        np.arange(len(pool) + len(train), dtype=np.int64),
+    # The corpus with the teacher's soft targets, then the labelled items with their labels.
+    items = ImageData(
+        [replace(corpus_part, soft=soft), Part(train.images, train.labels)],
         train.classes,
-        f"{pool.source} + {train.source}",
-        [*pool.ids, *train.ids],
         train.transform,
     )
-    objective = Distillation(
-        torch.from_numpy(soft),
-        torch.from_numpy(train.labels),
-        temperature=d.temperature,
-        hard_weight=d.hard_weight,
-    )
+    objective = Distillation(temperature=d.temperature, hard_weight=d.hard_weight)
     model_cfg = d.model.model_dump() if d.model is not None else dict(tck["model_config"])
     torch.manual_seed(d.seed)
     try:
@@ -133,11 +132,13 @@ def run(
     distilled_val_acc = result.best_val_acc
     history = list(result.history)
     if d.consistency.epochs:
-        result = _consistency(params, student, pool, train, val, checkpoints, fp)
+        result = _consistency(params, student, corpus_part, train, val, checkpoints, fp)
         history += [{**r, "epoch": len(history) + r["epoch"]} for r in result.history]
     summary: dict[str, float] | None = None  # the last propagation round's
     for r in range(d.propagate.rounds):
-        result, summary = _propagate_round(params, student, pool, train, val, checkpoints, fp, r)
+        result, summary = _propagate_round(
+            params, student, corpus_part, train, val, checkpoints, fp, r
+        )
         history += [{**row, "epoch": len(history) + row["epoch"]} for row in result.history]
     if not distributed.is_main():  # under torchrun, rank 0 alone writes
         return {}
@@ -148,7 +149,7 @@ def run(
         "teacher_val_acc": teacher_val,
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
-        "corpus_images": len(pool),
+        "corpus_images": len(rows),
         "labelled_images": len(train),
         "student_params": n_student,
         "student_teacher_size": n_student / n_teacher,
@@ -186,26 +187,21 @@ def run(
     }
 
 
-def _beside_labels(
-    pool: Dataset, pool_labels: np.ndarray, train: Dataset, share: float
-) -> tuple[Dataset, int]:
-    """The corpus with ``pool_labels`` (``-1``: unlabelled), then the labelled set repeated
-    to make ``share`` of the items, so that each batch holds some; and the repeat count."""
-    repeat = max(1, math.ceil(share / (1 - share) * len(pool) / len(train)))
-    items = Dataset(
-        np.concatenate([pool.images, *[train.images] * repeat]),
-        np.concatenate([pool_labels.astype(np.int64), np.tile(train.labels, repeat)]),
-        train.classes,
-        f"{pool.source} + {train.source} x{repeat}",
-        transform=train.transform,
-    )
-    return items, repeat
+def _beside_labels(corpus: Part, labels: np.ndarray, train: Dataset, share: float) -> ImageData:
+    """The corpus with ``labels`` (``-1``: unlabelled) beside the labelled set, repeated to
+    make ``share`` of the items, so that each batch holds some; neither is copied."""
+    repeat = max(1, math.ceil(share / (1 - share) * len(corpus) / len(train)))
+    parts = [
+        replace(corpus, labels=labels.astype(np.int64)),
+        Part(train.images, train.labels, repeat=repeat),
+    ]
+    return ImageData(parts, train.classes, train.transform)
 
 
 def _consistency(
     params: Params,
     student: torch.nn.Module,
-    pool: Dataset,
+    pool: Part,
     train: Dataset,
     val: Dataset,
     checkpoints: Path,
@@ -215,7 +211,7 @@ def _consistency(
     (``distill.consistency``); the labelled set is repeated to make ``labelled_share`` of the
     items, so that each batch holds some."""
     d, c = params.distill, params.distill.consistency
-    items, repeat = _beside_labels(pool, np.full(len(pool), -1, np.int64), train, c.labelled_share)
+    items = _beside_labels(pool, np.full(len(pool), -1, np.int64), train, c.labelled_share)
     cfg = d.train.model_copy(
         update={
             "epochs": c.epochs,
@@ -232,7 +228,7 @@ def _consistency(
         "distill: consistency over %d corpus images and %d labelled (x%d), %d epochs",
         len(pool),
         len(train),
-        repeat,
+        items.parts[1].repeat,
         c.epochs,
     )
     objective = Consistency(
@@ -258,7 +254,7 @@ def _consistency(
 def _propagate_round(
     params: Params,
     student: torch.nn.Module,
-    pool: Dataset,
+    pool: Part,
     train: Dataset,
     val: Dataset,
     checkpoints: Path,
@@ -269,13 +265,13 @@ def _propagate_round(
     student's features of the corpus and the labelled set, and the student trains on the
     class that reaches each corpus image (where none does, on its own prediction)."""
     d, p = params.distill, params.distill.propagate
-    images = torch.from_numpy(np.concatenate([pool.images, train.images]))
+    both = ImageData([pool, Part(train.images, train.labels)], train.classes, train.transform)
     backbone = getattr(student, "backbone", student)
-    feats = features(backbone, images, spatial=p.features == "spatial").cpu().numpy()
+    feats = features(backbone, both, spatial=p.features == "spatial").cpu().numpy()
     feats = reduce_features(feats, p.pca, d.seed)
     seeds = np.concatenate([np.full(len(pool), -1), train.labels])
     dist = propagate_labels(feats, seeds, len(train.classes), p.neighbours, p.alpha)[: len(pool)]
-    own = predict_proba(student, pool.images).argmax(1)
+    own = predict_proba(student, ImageData([pool], train.classes, train.transform)).argmax(1)
     reached = dist.sum(1) > 0
     labels = np.where(reached, dist.argmax(1), own)
     summary = {"changed": float(np.mean(labels != own)), "unreached": float(np.mean(~reached))}
@@ -285,13 +281,13 @@ def _propagate_round(
         "%.2f %% out of reach",
         r + 1,
         p.rounds,
-        len(images),
+        len(both),
         p.features,
         feats.shape[1],
         100 * summary["changed"],
         100 * summary["unreached"],
     )
-    items, _ = _beside_labels(pool, labels, train, p.labelled_share)
+    items = _beside_labels(pool, labels, train, p.labelled_share)
     cfg = d.train.model_copy(
         update={
             "epochs": p.epochs,

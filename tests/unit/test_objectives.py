@@ -12,6 +12,7 @@ import torch
 
 from graftline.config import ConfigError, TrainConfig, parse_params
 from graftline.data.dataset import Dataset
+from graftline.data.modules import Batch
 from graftline.models import build_classifier
 from graftline.objectives import (
     Consistency,
@@ -148,7 +149,7 @@ def test_distillation_loss_is_the_softened_kl_plus_the_labels_cross_entropy() ->
     t = 3.0
     soft = torch.softmax(teacher_logits / t, dim=1)
     hard = torch.tensor([2, 0])
-    obj = Distillation(soft, hard, temperature=t, hard_weight=0.5)
+    obj = Distillation(temperature=t, hard_weight=0.5)
     gen = torch.Generator().manual_seed(0)
 
     class Fixed(torch.nn.Module):
@@ -159,14 +160,22 @@ def test_distillation_loss_is_the_softened_kl_plus_the_labels_cross_entropy() ->
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.logits
 
-    items = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])  # six soft items, then two labelled
+    # six soft items, then two labelled ones
+    target = torch.tensor([-1] * 6 + hard.tolist())
+    soft_mask = torch.arange(8) < 6
+    batch = Batch(
+        torch.zeros(8, 1),
+        target,
+        target >= 0,
+        {"soft": torch.cat([soft, torch.zeros(2, 3)]), "soft_mask": soft_mask},
+    )
     student = torch.cat([teacher_logits, torch.randn(2, 3)])
-    loss, _ = obj.step(Fixed(student), torch.zeros(8, 1), items, gen)
+    loss, _ = obj.step(Fixed(student), batch, gen)
     ce = torch.nn.functional.cross_entropy(student[6:], hard, reduction="sum")
     # A student that already matches the teacher pays only the labelled items' term.
     torch.testing.assert_close(loss, 0.5 * ce / 8, atol=1e-5, rtol=1e-4)
     shuffled = torch.cat([teacher_logits[[3, 4, 5, 0, 1, 2]], student[6:]])
-    worse, _ = obj.step(Fixed(shuffled), torch.zeros(8, 1), items, gen)
+    worse, _ = obj.step(Fixed(shuffled), batch, gen)
     assert worse > loss + 0.01
     worse.backward()
 
@@ -196,12 +205,12 @@ def test_consistency_targets_only_confident_predictions_of_the_weak_view() -> No
     with torch.no_grad():
         confidence = torch.softmax(model(x[4:]), 1).max(1).values
     strict = Consistency(threshold=float(confidence.max()) + 1e-6, strong={}, cutout=0)
-    loss, _ = strict.step(model, x, y, torch.Generator().manual_seed(0))
+    loss, _ = strict.step(model, Batch(x, y, y >= 0), torch.Generator().manual_seed(0))
     torch.testing.assert_close(loss, ce)  # nothing confident enough: the labels alone
     assert strict.masked_share == 0.0
     # Everything confident, no augmentation: each unlabelled item is its own target.
     lax = Consistency(threshold=1e-6, weight=0.5, strong={}, cutout=0)
-    loss, _ = lax.step(model, x, y, torch.Generator().manual_seed(0))
+    loss, _ = lax.step(model, Batch(x, y, y >= 0), torch.Generator().manual_seed(0))
     logits = model(x[4:])
     own = torch.nn.functional.cross_entropy(logits, logits.argmax(1))
     torch.testing.assert_close(loss, ce + 0.5 * own)
@@ -219,10 +228,11 @@ def test_consistency_augments_labelled_items_further_only_when_asked() -> None:
     x = torch.zeros(12, 1, 28, 28)
     x[:, :, 8:20, 12:16] = 1.0  # a bar, which a rotation moves
     y = torch.tensor([0, 1, 2] * 3 + [-1] * 3)
-    Consistency(threshold=0.0, strong={}, cutout=0).step(model, x, y, torch.Generator())
+    batch = Batch(x, y, y >= 0)
+    Consistency(threshold=0.0, strong={}, cutout=0).step(model, batch, torch.Generator())
     torch.testing.assert_close(seen[-1][:9], x[:9])
     more = Consistency(threshold=0.0, strong={}, cutout=0, labelled={"rotate": 30})
-    more.step(model, x, y, torch.Generator().manual_seed(0))
+    more.step(model, batch, torch.Generator().manual_seed(0))
     moved = (seen[-1][:9] - x[:9]).abs().flatten(1).sum(1)
     assert (moved > 1).sum() >= 6, moved  # random angles in [-30, 30]: a few may be small
     torch.testing.assert_close(seen[-1][9:], x[9:])  # the strong view (no augmentation) as is
