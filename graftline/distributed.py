@@ -77,11 +77,20 @@ def broadcast_buffers(module: nn.Module) -> None:
             dist.broadcast(buffer, 0)
 
 
+def collective_device(backend_name: str, current_cuda: int | None) -> torch.device:
+    """Where a collective's tensors live: nccl moves CUDA tensors only, and each rank's on
+    its own GPU (``current_cuda``, set by ``graftline.train.set_up``); gloo moves CPU ones.
+    Plain ``"cuda"`` would be cuda:0 on every rank."""
+    if backend_name == "nccl":
+        return torch.device("cuda", current_cuda or 0)
+    return torch.device("cpu")
+
+
 def broadcast_floats(*values: float) -> tuple[float, ...]:
     """Rank 0's ``values`` on every rank."""
     if not active():
         return values
-    on = "cuda" if backend() == "nccl" else "cpu"  # nccl moves CUDA tensors only
-    t = torch.tensor(values, dtype=torch.float64, device=on)
+    current = torch.cuda.current_device() if torch.cuda.is_available() else None
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device(backend(), current))
     dist.broadcast(t, 0)
     return tuple(t.tolist())
