@@ -52,7 +52,8 @@ from graftline.data.splits import label_budget  # noqa: E402
 from graftline.data.store import save_splits  # noqa: E402
 from graftline.models.checkpoint import load_checkpoint  # noqa: E402
 from graftline.train import predict_proba  # noqa: E402
-from tasks import distill, finetune, paths, pretrain  # noqa: E402
+from graftline import layout as paths  # noqa: E402
+from tasks import distill, finetune, pretrain  # noqa: E402
 
 PUBLISHED = [
     ("Bad GAN (Dai et al., NeurIPS 2017)", "0.795 ± 0.098"),

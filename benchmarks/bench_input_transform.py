@@ -77,7 +77,7 @@ def main() -> None:
         ("plain resize (reference)", legacy_geometry(model.input_shape)),
     ):
         for how, drawn in canvases.items():
-            x = np.stack([prepare_image(Image.fromarray(c), tf, "auto") for c in drawn])
+            x = np.stack([prepare_image(Image.fromarray(c), tf) for c in drawn])
             pred = np.array(model.classes)[model.predict_proba(x).argmax(1)]
             print(f"  {label:34s} {how:20s} accuracy {np.mean(pred == truth):.3f}")
 

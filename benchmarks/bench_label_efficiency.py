@@ -33,7 +33,7 @@ from graftline.evaluate import plot_label_efficiency, svc_baseline, svc_proba  #
 from graftline.models import build_classifier  # noqa: E402
 from graftline.models.checkpoint import load_checkpoint  # noqa: E402
 from graftline.train import fit, predict_proba  # noqa: E402
-from tasks import paths  # noqa: E402
+from graftline import layout as paths  # noqa: E402
 from tasks.finetune import graft, strategy_groups  # noqa: E402
 from tasks.preprocess import prepare  # noqa: E402
 

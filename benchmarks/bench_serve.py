@@ -40,7 +40,8 @@ from graftline.data.dataset import Dataset  # noqa: E402
 from graftline.data.store import save_splits  # noqa: E402
 from graftline.models import build_classifier, save_checkpoint  # noqa: E402
 from graftline.registry import Registry  # noqa: E402
-from tasks import deploy, paths  # noqa: E402
+from graftline import layout as paths  # noqa: E402
+from tasks import deploy  # noqa: E402
 
 NAME = "bench-digits"
 

@@ -125,9 +125,9 @@ def _lock_status() -> str:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
+    from graftline import layout
     from graftline.data.store import load_split
-    from graftline.registry import gate, score_model
-    from tasks import paths
+    from graftline.registry import challenge
 
     params, reg = _registry(args.params)
     version = str(args.version)
@@ -136,16 +136,12 @@ def cmd_promote(args: argparse.Namespace) -> int:
     if args.force:
         reason = f"forced by hand: {args.reason}" if args.reason else "forced by hand"
     else:
-        test = load_split(paths.TASK_DATA, "test")
+        # The gate deploy applies, on the same test split, through the same library code.
+        test = load_split(layout.TASK_DATA, "test")
         truth = [test.classes[i] for i in test.labels]
-        name = params.deploy.model_name
-        ch = score_model(f"models:/{name}/{version}", test.images, truth)
-        cp = (
-            None
-            if expected is None
-            else score_model(f"models:/{name}/{expected}", test.images, truth)
-        )
-        decision = gate(ch, cp, champion_version=expected, **params.deploy.gate.model_dump())
+        uri = f"models:/{reg.name}/{version}"
+        scored = challenge(reg.name, uri, expected, test.images, truth)
+        decision = scored.decide(**params.deploy.gate.model_dump())
         if not decision.passed:
             print(f"graftline promote: refused: v{version} {decision.reason}", file=sys.stderr)
             return 2
@@ -320,7 +316,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise GraftlineError(f"model {reg.name!r} has no champion; pass --version")
     reg.version(version)
     loaded = load_version(MlflowClient(), reg.name, str(version))
-    ids, pixels = read_inputs(args.input, loaded.input_shape, args.invert, loaded.transform)
+    ids, pixels = read_inputs(args.input, loaded.input_shape, loaded.transform)
     result = predict_batch(loaded, ids, pixels, args.out)
     print(f"{args.out}: {summary(result)['items']} predictions by {reg.name} v{version}")
     return 0
@@ -401,12 +397,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", type=Path, help="a folder of images or a CSV of pixel columns")
     p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="output CSV")
     p.add_argument("--version", help="registered version (default: the champion)")
-    p.add_argument(
-        "--invert",
-        choices=["auto", "never", "always"],
-        default="auto",
-        help="flip dark-on-light images (auto: judged by the border)",
-    )
     p.set_defaults(func=cmd_predict)
 
     p = command(

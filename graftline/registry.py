@@ -124,6 +124,50 @@ def score_model(model_uri: str, images: np.ndarray, truth: list[str]) -> np.ndar
     return np.asarray(pred["class"].astype(str).to_numpy() == np.asarray(truth), dtype=bool)
 
 
+@dataclass
+class Challenge:
+    """A model and the champion scored on the same test items: what the gate judges."""
+
+    challenger_correct: np.ndarray
+    champion_version: str | None
+    champion_correct: np.ndarray | None
+
+    def decide(self, min_accuracy: float, min_improvement: float, alpha: float) -> GateDecision:
+        """The gate's decision (:func:`gate`) on these scores."""
+        return gate(
+            self.challenger_correct,
+            self.champion_correct,
+            champion_version=self.champion_version,
+            min_accuracy=min_accuracy,
+            min_improvement=min_improvement,
+            alpha=alpha,
+        )
+
+
+def challenge(
+    name: str, model_uri: str, champion_version: str | None, images: np.ndarray, truth: list[str]
+) -> Challenge:
+    """Score ``model_uri`` and, if there is one, the champion version of model ``name`` on
+    the same items, each loaded through MLflow as serving will load it. ``deploy`` and
+    ``graftline promote`` both gate on this.
+
+    Raises:
+        RegistryError: the champion cannot be scored on these items (another input shape).
+    """
+    images = np.asarray(images, dtype=np.float32)
+    challenger = score_model(model_uri, images, truth)
+    champion = None
+    if champion_version is not None:
+        try:
+            champion = score_model(f"models:/{name}/{champion_version}", images, truth)
+        except ValueError as err:  # another input geometry: not comparable on this test set
+            raise RegistryError(
+                f"champion v{champion_version} cannot be scored on the current test split "
+                f"({err}); promote by hand with `graftline promote VERSION --force`"
+            ) from None
+    return Challenge(challenger, champion_version, champion)
+
+
 class Registry:
     """graftline's operations on one registered model, over an ``MlflowClient``."""
 

@@ -40,7 +40,7 @@ from graftline.data.dataset import Dataset
 from graftline.data.modules import DataModule, data_module
 from graftline.errors import TrainingError
 from graftline.io import atomic_path
-from graftline.objectives import Objective, Supervised
+from graftline.objectives import Objective, SelfSupervised, Supervised
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +285,14 @@ def read_resume(path: Path, fingerprint: str, desc: str) -> dict[str, Any] | Non
     return state
 
 
+def restore(saved: dict[str, Any], state: TrainState, **parts: Any) -> None:
+    """Load a resume checkpoint (:func:`read_resume`) into ``state`` and ``parts``."""
+    state.load_state_dict(saved["state"])
+    for name, part in parts.items():
+        if part is not None and saved.get(name) is not None:
+            part.load_state_dict(saved[name])
+
+
 class EpochLog:
     """About ten epoch lines per run plus the last, and one at least every 10 s: progress
     as it happens, in a terminal or a log file alike; the others go to DEBUG."""
@@ -346,17 +354,12 @@ def fit(
     ``cfg.keep: last``, the final ones; with ``cfg.ema``, those of the moving average).
 
     Args:
-        model: the network; trained on ``train``, early-stopped on ``val``.
-        train, val: data modules (a :class:`Dataset` of images is taken as
-            :class:`~graftline.data.modules.ImageData`); ``train`` is augmented as
-            ``cfg.augment`` says.
-        cfg: epochs, batch size, accumulation, optimizer, schedule, clipping, patience.
+        train, val: data modules (a :class:`Dataset` of images is taken as ``ImageData``);
+            ``train`` is augmented as ``cfg.augment`` says, ``val`` judges the epochs.
         seed: drives order, augmentation, dropout.
         groups: parameter groups (default: the whole model at ``cfg.lr``).
-        resume_path: checkpoint written after every epoch; if it exists and its fingerprint
-            matches, training resumes after its epoch.
-        fingerprint: identifies the run (params, data, starting weights); a checkpoint of
-            another run is ignored.
+        resume_path: checkpoint written after every epoch; training resumes after its epoch
+            if its ``fingerprint`` (params, data, starting weights) is this run's.
         progress: show a progress bar (default: when stderr is a terminal).
         on_epoch_end: called with each epoch's record (metrics logging, tests).
         objective: the loss of a batch and the validation figures (default: supervised
@@ -369,10 +372,10 @@ def fit(
     device = set_up(cfg, seed)
     data = data_module(train).augmented(cfg.augment.model_dump())
     held = data_module(val) if val is not None and len(val) else None
-    monitor = _monitor(data, probe)
     data.prepare_model(model, device)
     groups = groups or [ParamGroup("model", model)]
     objective = objective if objective is not None else Supervised(cfg.label_smoothing)
+    monitor = _monitor(data, probe) if isinstance(objective, SelfSupervised) else {}
     objective.to(device)
     optimizer = make_optimizer(cfg, optimizer_groups(groups, objective, cfg))
     base_lrs = [g["lr"] for g in optimizer.param_groups]
@@ -393,15 +396,11 @@ def fit(
     state = TrainState(stopping=EarlyStopping(cfg.patience))
     resume_path = Path(resume_path) if resume_path else None
     saved = read_resume(resume_path, fingerprint, desc) if resume_path is not None else None
+    resumed_from = None
     if saved is not None:
-        state.load_state_dict(saved["state"])
-        model.load_state_dict(saved["model"])
-        objective.load_state_dict(saved.get("objective") or {})
-        optimizer.load_state_dict(saved["optimizer"])
-        if ema is not None and saved.get("ema") is not None:
-            ema.load_state_dict(saved["ema"])
-        log.info("%s: resuming after epoch %d from %s", desc, state.epoch + 1, resume_path)
-    resumed_from = state.epoch + 1 if saved is not None else None
+        restore(saved, state, model=model, objective=objective, optimizer=optimizer, ema=ema)
+        resumed_from = state.epoch + 1
+        log.info("%s: resuming after epoch %d from %s", desc, resumed_from, resume_path)
 
     epoch_log = EpochLog(desc, epochs, state.epoch + 1)
     train_time, train_items = 0.0, 0

@@ -17,12 +17,19 @@ from typing import Any
 import numpy as np
 
 import graftline
+from graftline import layout as paths
 from graftline import tracking
 from graftline.config import Params
 from graftline.data.store import load_split
 from graftline.errors import ArtifactError
-from graftline.registry import GateDecision, PromotionConflict, Registry, gate, score_model
-from tasks import paths
+from graftline.registry import (
+    Challenge,
+    GateDecision,
+    PromotionConflict,
+    Registry,
+    RegistryError,
+    challenge,
+)
 from tasks._stage import stage_main
 
 log = logging.getLogger("graftline.deploy")
@@ -146,10 +153,12 @@ def log_report(
     from graftline.report import html_report, table
 
     n = len(packaged.classes)
-    per_class = {f"v{version}": per_class_accuracy(packaged.labels, packaged.challenger_correct, n)}
-    if packaged.champion_correct is not None:
-        per_class[f"champion v{packaged.champion_version}"] = per_class_accuracy(
-            packaged.labels, packaged.champion_correct, n
+    per_class = {
+        f"v{version}": per_class_accuracy(packaged.labels, packaged.scored.challenger_correct, n)
+    }
+    if packaged.scored.champion_correct is not None:
+        per_class[f"champion v{packaged.scored.champion_version}"] = per_class_accuracy(
+            packaged.labels, packaged.scored.champion_correct, n
         )
     rows = [[c, *(float(a[i]) for a in per_class.values())] for i, c in enumerate(packaged.classes)]
     efficiency_csv = root / paths.REPORTS / "label_efficiency.csv"
@@ -240,6 +249,7 @@ def model_card(
     it learnt from, its test figures against the baselines and the champion, the gate's
     decision, and how to rebuild it."""
     from graftline.data.store import read_manifest
+    from graftline.data.transforms import describe_transform
     from graftline.models.checkpoint import input_transform, load_checkpoint
 
     name, folder = deployed(params)
@@ -268,13 +278,8 @@ def model_card(
             if name == "student"
             else "."
         ),
-        f"Input: {shape} images; transform `{tf['fit']}` "
-        + (
-            "(crop to the ink, scale into a box, centre by mass)"
-            if tf["fit"] == "digit_box"
-            else ""
-        )
-        + "; serving applies the same.",
+        f"Input: {shape} images; transform `{tf['fit']}`: {describe_transform(tf)}. "
+        "Serving and batch prediction apply the same.",
         "",
         "**Data.**",
         "",
@@ -347,9 +352,7 @@ class Packaged:
 
     run_id: str
     model_uri: str
-    challenger_correct: np.ndarray
-    champion_version: str | None
-    champion_correct: np.ndarray | None
+    scored: Challenge
     labels: np.ndarray  # the test items' true class indices, for per-class figures
     classes: list[str]
 
@@ -375,29 +378,13 @@ def package(params: Params, root: Path = Path(".")) -> Packaged:
     info = log_model(checkpoint, images[:1])
     # Score what was logged, loaded back through MLflow: this is what will serve, and a
     # partial write fails here, before any alias moves.
-    challenger_correct = score_model(info.model_uri, images, truth)
     champion = Registry(params.deploy.model_name).champion()
     champ_version = None if champion is None else str(champion.version)
-    champion_correct = None
-    if champion is not None:
-        try:
-            champion_correct = score_model(
-                f"models:/{params.deploy.model_name}/{champ_version}", images, truth
-            )
-        except ValueError as err:  # another input geometry: not comparable on this test set
-            raise ArtifactError(
-                f"champion v{champ_version} cannot be scored on the current test split ({err}); "
-                "promote by hand with `graftline promote VERSION --force`"
-            ) from None
-    return Packaged(
-        run_id,
-        info.model_uri,
-        challenger_correct,
-        champ_version,
-        champion_correct,
-        test.labels,
-        list(test.classes),
-    )
+    try:
+        scored = challenge(params.deploy.model_name, info.model_uri, champ_version, images, truth)
+    except RegistryError as err:
+        raise ArtifactError(str(err)) from None
+    return Packaged(run_id, info.model_uri, scored, test.labels, list(test.classes))
 
 
 def run(
@@ -416,13 +403,8 @@ def run(
     lineage = tracking.lineage_tags(root, flow_run_id)
     registry = Registry(p.model_name)
     version = registry.register(packaged.model_uri, packaged.run_id, tags=lineage)
-    champ_version = packaged.champion_version
-    decision = gate(
-        packaged.challenger_correct,
-        packaged.champion_correct,
-        champion_version=champ_version,
-        **p.gate.model_dump(),
-    )
+    champ_version = packaged.scored.champion_version
+    decision = packaged.scored.decide(**p.gate.model_dump())
     promoted = False
     if decision.passed:
         try:

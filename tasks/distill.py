@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from graftline import distributed
+from graftline import layout as paths
 from graftline.config import Params
 from graftline.data.dataset import Dataset
 from graftline.data.modules import ImageData, Part
@@ -33,7 +34,6 @@ from graftline.models.checkpoint import load_checkpoint
 from graftline.objectives import Consistency, Distillation, features
 from graftline.propagation import propagate_labels, reduce_features
 from graftline.train import FitResult, fit, predict_proba
-from tasks import paths
 from tasks._stage import stage_main
 from tasks._training import fingerprint, write_history
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from graftline import layout as paths
 from graftline.config import Params
 from graftline.data.store import load_split
 from graftline.errors import ArtifactError
@@ -25,7 +26,6 @@ from graftline.evaluate import (
 from graftline.io import write_json, write_text
 from graftline.models.checkpoint import load_checkpoint
 from graftline.train import predict_proba
-from tasks import paths
 from tasks._stage import stage_main
 
 log = logging.getLogger("graftline.evaluate")

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from graftline import distributed
+from graftline import layout as paths
 from graftline.config import FinetuneParams, Params
 from graftline.data.store import load_split, read_manifest
 from graftline.errors import ArtifactError
@@ -22,7 +23,6 @@ from graftline.models import Classifier, build_classifier, save_checkpoint
 from graftline.models.checkpoint import load_checkpoint
 from graftline.models.lora import add_adapters, merge_adapters
 from graftline.train import ParamGroup, fit
-from tasks import paths
 from tasks._stage import stage_main
 from tasks._training import fingerprint, write_history
 

@@ -7,13 +7,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from graftline import layout as paths
 from graftline.config import Params, PreprocessParams
 from graftline.data.dataset import Dataset
 from graftline.data.sources import load_source
 from graftline.data.splits import label_budget, stratified_split
 from graftline.data.store import save_splits
 from graftline.data.validate import restrict_classes, validate
-from tasks import paths
 from tasks._stage import stage_main
 
 log = logging.getLogger("graftline.preprocess")

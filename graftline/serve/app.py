@@ -117,12 +117,12 @@ def _as_pixels(inputs: list[Any], shape: tuple[int, int, int], max_batch: int) -
 
 def decode_image(data: bytes, filename: str, transform: dict[str, Any]) -> np.ndarray:
     """An uploaded image of any size and mode, brought to the model's input by the transform
-    its training data got; dark-on-light digits (paper, photos) are inverted to the training
-    data's white on black."""
+    its training data got (the same polarity rule: a digit model's dark-on-light upload is
+    inverted as its training files were; a photo model's never is)."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            return prepare_image(img, transform, invert="auto")
+            return prepare_image(img, transform)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise HTTPException(400, f"{filename}: not a decodable image ({err})") from None
 

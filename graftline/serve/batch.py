@@ -11,39 +11,22 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from graftline.data.sources import IMAGE_SUFFIXES
-from graftline.data.transforms import apply_geometry, image_array, legacy_geometry
+from graftline.data.transforms import apply_transform, image_array, legacy_geometry
 from graftline.errors import DataError
 from graftline.io import write_text
 from graftline.serve.champion import LoadedModel
 
 
-def prepare_image(img: Image.Image, transform: dict[str, Any], invert: str = "auto") -> np.ndarray:
-    """Any PIL image to the model's input: float ``(C, H, W)`` in [0, 255], white digit on
-    black, brought to shape by ``transform``, the one the model's training data got (a digit
-    drawn small in a corner is cropped, scaled and centred as training digits were).
-
-    ``invert``: ``auto`` flips images whose border is light (dark ink on paper), ``always``
-    or ``never``.
-    """
+def prepare_image(img: Image.Image, transform: dict[str, Any]) -> np.ndarray:
+    """Any PIL image to the model's input: float ``(C, H, W)`` in [0, 255], brought there by
+    ``transform``, the one the model's training data got (``graftline.data.transforms``):
+    the same channels, polarity rule and fit as the files it was trained on, nothing more."""
     arr = image_array(img, int(transform["channels"]))
-    flip = invert == "always"
-    if invert == "auto":
-        border = np.concatenate(
-            [
-                arr[:, 0, :].ravel(),
-                arr[:, -1, :].ravel(),
-                arr[:, :, 0].ravel(),
-                arr[:, :, -1].ravel(),
-            ]
-        )
-        flip = float(border.mean()) > 127
-    if flip:
-        arr = 255 - arr
-    return apply_geometry(arr[None], transform)[0].astype(np.float32)
+    return apply_transform(arr[None], transform)[0].astype(np.float32)
 
 
 def read_inputs(
-    path: Path, shape: tuple[int, int, int], invert: str = "auto", transform: dict | None = None
+    path: Path, shape: tuple[int, int, int], transform: dict | None = None
 ) -> tuple[list[str], np.ndarray]:
     """Items and their pixels from a folder of images (brought to the model's input by
     ``transform``, default a plain resize) or a CSV of pixel columns (taken as they are: rows
@@ -61,7 +44,7 @@ def read_inputs(
             try:
                 with Image.open(f) as img:
                     img.load()
-                    pixels[i] = prepare_image(img, transform, invert)
+                    pixels[i] = prepare_image(img, transform)
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
                 raise DataError(f"{f}: unreadable or truncated image ({err})") from None
         return [str(f.relative_to(path)) for f in files], pixels

@@ -12,7 +12,7 @@ import torch
 from graftline import tracking
 from graftline.data.store import save_splits
 from graftline.registry import Registry
-from tasks import paths
+from graftline import layout as paths
 from tests.conftest import mlflow_server
 from tests.integration.conftest import blobs, deploy_once, write_model
 

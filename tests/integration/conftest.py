@@ -17,7 +17,8 @@ from graftline.data.dataset import Dataset
 from graftline.data.store import save_splits
 from graftline.models import build_classifier, save_checkpoint
 from graftline.train import fit
-from tasks import deploy, paths
+from graftline import layout as paths
+from tasks import deploy
 from tests.conftest import ROOT, blob_digits
 
 MODEL = {"arch": "cnn", "channels": [8, 16], "hidden": 32, "dropout": 0.0}

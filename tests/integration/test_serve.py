@@ -210,8 +210,8 @@ def test_digits_drawn_small_and_off_centre_are_read_as_training_saw_them(
     service and batch prediction apply it; a digit drawn small in a corner reads right."""
     from graftline.data.dataset import Dataset
     from graftline.data.store import save_splits
-    from graftline.data.transforms import apply_geometry, geometry
-    from tasks import paths
+    from graftline.data.transforms import apply_transform, geometry
+    from graftline import layout as paths
     from tests.integration.conftest import MODEL
 
     monkeypatch.delenv("GRAFTLINE_API_TOKEN", raising=False)
@@ -219,7 +219,7 @@ def test_digits_drawn_small_and_off_centre_are_read_as_training_saw_them(
 
     def boxed(n: int, seed: int) -> Dataset:
         ds = blobs(n, seed)
-        return Dataset(apply_geometry(ds.images, box), ds.labels, ds.classes, ds.source)
+        return Dataset(apply_transform(ds.images, box), ds.labels, ds.classes, ds.source)
 
     train_and_write(sqlite_root, MODEL, boxed(30, 0), boxed(10, 1), epochs=4, transform=box)
     save_splits(sqlite_root / paths.TASK_DATA, {"test": boxed(40, 7)}, {})

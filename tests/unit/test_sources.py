@@ -8,7 +8,7 @@ from PIL import Image
 
 from graftline.config import CsvSource, FolderSource, IdxSource
 from graftline.data.sources import load_csv, load_folder, load_idx, load_sklearn_digits, read_idx
-from graftline.data.transforms import apply_geometry, fit_digit_box, geometry
+from graftline.data.transforms import apply_transform, fit_digit_box, geometry
 from graftline.data.validate import restrict_classes, validate
 from graftline.errors import DataError
 from tests.conftest import blob_digits, write_idx
@@ -22,7 +22,7 @@ def test_idx_roundtrip_gzip_and_plain(idx_pair: tuple[Path, Path]) -> None:
     raw, raw_labels = blob_digits(20)
     assert test is None
     assert ds.images.shape == (60, 1, 28, 28)
-    assert ds.transform == {"fit": "resize", "size": 28, "channels": 1}
+    assert ds.transform == {"fit": "resize", "size": 28, "channels": 1, "polarity": "keep"}
     np.testing.assert_array_equal(ds.images[:, 0], raw)
     np.testing.assert_array_equal(ds.labels, raw_labels)
     assert ds.classes == ["0", "1", "2"]
@@ -171,14 +171,14 @@ def test_digit_box_puts_a_small_off_centre_drawing_where_training_digits_are() -
     big = _bar(1.0, 20, 28, (13.5, 13.5))[None, None]
     small = _bar(1.0, 40, 280, (50, 230))[None, None]
     box, resize = geometry("digit_box", 28, 1), geometry("resize", 28, 1)
-    reference = apply_geometry(big, box)[0, 0].astype(float)
+    reference = apply_transform(big, box)[0, 0].astype(float)
 
     def similarity(img: np.ndarray) -> float:
         a, b = reference - reference.mean(), img.astype(float) - img.mean()
         return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
 
-    assert similarity(apply_geometry(small, box)[0, 0]) > 0.8
-    assert similarity(apply_geometry(small, resize)[0, 0]) < 0.3
+    assert similarity(apply_transform(small, box)[0, 0]) > 0.8
+    assert similarity(apply_transform(small, resize)[0, 0]) < 0.3
 
 
 def test_fit_digit_box_centres_by_mass() -> None:

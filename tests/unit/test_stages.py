@@ -173,7 +173,8 @@ def test_pretraining_on_a_corpus_without_labels(tmp_path: Path) -> None:
     from PIL import Image
 
     from graftline.data.store import load_split, read_manifest
-    from tasks import paths, preprocess
+    from graftline import layout as paths
+    from tasks import preprocess
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()

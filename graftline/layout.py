@@ -1,4 +1,5 @@
-"""Where each stage reads and writes, relative to the repo root.
+"""Where each stage reads and writes, relative to the repo root (the stages, the CLI and
+the library share it).
 
 ``dvc.yaml`` declares the same paths; ``tests/unit/test_dvc_wiring.py`` checks that the two
 agree, so neither can drift.
