@@ -45,6 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from graftline import layout as paths  # noqa: E402
 from graftline.config import IdxSource, Params, parse_params  # noqa: E402
 from graftline.data.dataset import Dataset, unlabelled  # noqa: E402
 from graftline.data.sources import load_source  # noqa: E402
@@ -52,7 +53,6 @@ from graftline.data.splits import label_budget  # noqa: E402
 from graftline.data.store import save_splits  # noqa: E402
 from graftline.models.checkpoint import load_checkpoint  # noqa: E402
 from graftline.train import predict_proba  # noqa: E402
-from graftline import layout as paths  # noqa: E402
 from tasks import distill, finetune, pretrain  # noqa: E402
 
 PUBLISHED = [

@@ -27,13 +27,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from graftline import layout as paths  # noqa: E402
 from graftline.config import load_params  # noqa: E402
 from graftline.data.splits import label_budget  # noqa: E402
 from graftline.evaluate import plot_label_efficiency, svc_baseline, svc_proba  # noqa: E402
 from graftline.models import build_classifier  # noqa: E402
 from graftline.models.checkpoint import load_checkpoint  # noqa: E402
 from graftline.train import fit, predict_proba  # noqa: E402
-from graftline import layout as paths  # noqa: E402
 from tasks.finetune import graft, strategy_groups  # noqa: E402
 from tasks.preprocess import prepare  # noqa: E402
 

@@ -34,13 +34,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from graftline import layout as paths  # noqa: E402
 from graftline import tracking  # noqa: E402
 from graftline.config import load_params, parse_params  # noqa: E402
 from graftline.data.dataset import Dataset  # noqa: E402
 from graftline.data.store import save_splits  # noqa: E402
 from graftline.models import build_classifier, save_checkpoint  # noqa: E402
 from graftline.registry import Registry  # noqa: E402
-from graftline import layout as paths  # noqa: E402
 from tasks import deploy  # noqa: E402
 
 NAME = "bench-digits"

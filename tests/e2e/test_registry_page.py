@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from graftline import layout as paths
 from graftline import tracking
 from graftline.data.store import save_splits
 from graftline.registry import Registry
-from graftline import layout as paths
 from tests.conftest import mlflow_server
 from tests.integration.conftest import blobs, deploy_once, write_model
 

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from graftline import layout as paths
 from graftline import tracking
 from graftline.config import Augment, Params, TrainConfig, parse_params
 from graftline.data.dataset import Dataset
 from graftline.data.store import save_splits
 from graftline.models import build_classifier, save_checkpoint
 from graftline.train import fit
-from graftline import layout as paths
 from tasks import deploy
 from tests.conftest import ROOT, blob_digits
 

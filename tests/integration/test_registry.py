@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 
+from graftline import layout as paths
 from graftline import tracking
 from graftline.config import parse_params
 from graftline.data.store import save_splits
 from graftline.registry import PromotionConflict, Registry, RegistryError
-from graftline import layout as paths
 from tests.conftest import assert_quiet_console, free_port, mlflow_server
 from tests.integration.conftest import blobs, deploy_once, graftline_cli, write_model
 

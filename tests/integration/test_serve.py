@@ -208,10 +208,10 @@ def test_digits_drawn_small_and_off_centre_are_read_as_training_saw_them(
     """Issue 13: the model carries its input transform (here: crop to the ink, scale into
     20x20, centre by mass) from its training data to the checkpoint and the registry, and the
     service and batch prediction apply it; a digit drawn small in a corner reads right."""
+    from graftline import layout as paths
     from graftline.data.dataset import Dataset
     from graftline.data.store import save_splits
     from graftline.data.transforms import apply_transform, geometry
-    from graftline import layout as paths
     from tests.integration.conftest import MODEL
 
     monkeypatch.delenv("GRAFTLINE_API_TOKEN", raising=False)

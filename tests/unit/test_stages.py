@@ -172,8 +172,8 @@ def test_pretraining_on_a_corpus_without_labels(tmp_path: Path) -> None:
     pretraining on it fails naming the key."""
     from PIL import Image
 
-    from graftline.data.store import load_split, read_manifest
     from graftline import layout as paths
+    from graftline.data.store import load_split, read_manifest
     from tasks import preprocess
 
     corpus = tmp_path / "corpus"
