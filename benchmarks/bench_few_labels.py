@@ -12,10 +12,12 @@ draw 0's 100 images.
 
 It runs the pipeline's own stage functions on files in a temporary folder (``tasks.pretrain``,
 ``tasks.finetune``, ``tasks.distill``, each with params checked by ``graftline.config``), so
-the figures are the pipeline's. Routes:
+the figures are the pipeline's. Every route is the preset ``params/mnist-100-labels.yaml``
+(what ``graftline run --params`` runs) with a few changes (``ROUTES``), then the options given
+on the command line:
 
-- ``supervised``: the CNN trained on the 100 labels alone (the finetune stage's scratch
-  baseline), then distilled;
+- ``supervised``: the preset itself: the CNN trained on the 100 labels alone, then distilled,
+  with consistency and label propagation;
 - ``contrastive-cnn``: SimCLR pretraining of the CNN, full fine-tuning, then distilled;
 - ``mae-vit``: MAE pretraining of a ViT, LoRA fine-tuning (and full fine-tuning, for the
   comparison; `--strategies`), then distilled.
@@ -41,6 +43,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -64,81 +67,82 @@ PUBLISHED = [
     ("CatGAN (Springenberg, ICLR 2016)", "1.91 ± 0.10"),
 ]
 
-CNN = {"arch": "cnn", "channels": [32, 64], "hidden": 128, "dropout": 0.1, "batch_norm": True}
+PRESET = ROOT / "params" / "mnist-100-labels.yaml"
 VIT = {"arch": "vit", "patch_size": 4, "dim": 64, "depth": 4, "heads": 4, "pool": "mean"}
-AUGMENT = {"shift": 0.1, "rotate": 12, "scale": 0.1}
-PRETRAIN_EPOCHS = {"contrastive-cnn": 25, "mae-vit": 15}  # ~7 and ~10 minutes on 2 cores
-
-
-def route_params(route: str, args: argparse.Namespace, strategy: str | None = None) -> Params:
-    """The params of one route, through the pipeline's schema."""
-    q = args.quick
-    augment = {**AUGMENT, "elastic": args.elastic}
-    pre_train = {
-        "batch_size": 256,
-        "lr": 0.003,
-        "precision": args.precision,
-        "epochs": 1 if q else args.pretrain_epochs or PRETRAIN_EPOCHS.get(route, 1),
-        "max_steps": 20 if q else None,
-    }
-    ft_train = {
-        "epochs": 5 if q else args.finetune_epochs,
-        "batch_size": 25,
-        "lr": 0.003,
-        "precision": args.precision,
-        "augment": {**augment, "elastic": args.finetune_elastic or args.elastic},
-    }
-    distill_train = {
-        "epochs": 1 if q else args.distill_epochs,
-        "batch_size": 256,
-        "lr": 0.003,
-        "precision": args.precision,
-        "augment": augment,
-        "max_steps": 20 if q else None,
-    }
-    if route == "mae-vit":
-        pretrain_section: dict[str, Any] = {
+# What each route changes in the preset (the supervised route is the preset itself).
+ROUTES: dict[str, dict[str, Any]] = {
+    "supervised": {},
+    "contrastive-cnn": {  # ~7 minutes of pretraining on 2 cores
+        "pretrain": {"train": {"epochs": 25, "max_steps": None}},
+        "finetune": {"backbone_lr_scale": 0.3},
+    },
+    "mae-vit": {  # ~10 minutes of pretraining
+        "pretrain": {
             "objective": "mae",
             "model": VIT,
             "mae": {"mask_ratio": 0.75, "decoder_dim": 64},
-            "train": {**pre_train, "weight_decay": 0.05, "augment": {"shift": 0.05}},
-        }
-        ft = {"strategy": strategy or "lora", "lora": {"rank": 8, "train_norms": True}}
-    else:
-        pretrain_section = {
-            "objective": "contrastive",
-            "model": CNN,
-            "contrastive": {
-                "temperature": 0.2,
-                "augment": {"shift": 0.15, "rotate": 15, "scale": 0.15},
+            "train": {
+                "epochs": 15,
+                "max_steps": None,
+                "weight_decay": 0.05,
+                "augment": {"shift": 0.05},
             },
-            "train": pre_train,
-        }
-        ft = {"strategy": "full", "backbone_lr_scale": 0.3}
-    return parse_params(
-        {
-            "pretrain": pretrain_section,
-            "finetune": {**ft, "train": ft_train},
-            "distill": {
-                "enabled": True,
-                "temperature": args.temperature,
-                "hard_weight": args.hard_weight,
-                "model": CNN,
-                "train": distill_train,
-                "consistency": {
-                    **json.loads(args.consistency),
-                    "epochs": (1 if args.consistency_epochs else 0)
-                    if q
-                    else args.consistency_epochs,
-                },
-                "propagate": {
-                    **json.loads(args.propagate),
-                    "rounds": args.propagate_rounds,
-                    **({"epochs": 1} if q else {}),
-                },
-            },
-        }
-    )
+        },
+        "finetune": {"strategy": "lora", "lora": {"rank": 8, "train_norms": True}},
+    },
+}
+
+
+def merged(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``change`` written over it, key by key, nested mappings merged."""
+    out = dict(base)
+    for k, v in change.items():
+        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def route_params(route: str, args: argparse.Namespace, strategy: str | None = None) -> Params:
+    """One route's params: the preset, the route's changes, then the command line's (only
+    the options given), through the pipeline's schema."""
+    params = merged(yaml.safe_load(PRESET.read_text()), ROUTES[route])
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    change: dict[str, Any] = {"pretrain": {"train": {}}, "finetune": {"train": {}}}
+    distill: dict[str, Any] = {"train": {}}
+    if strategy:
+        change["finetune"]["strategy"] = strategy
+    if "pretrain_epochs" in given:
+        change["pretrain"]["train"]["epochs"] = given["pretrain_epochs"]
+    if "finetune_epochs" in given:
+        change["finetune"]["train"]["epochs"] = given["finetune_epochs"]
+    if "distill_epochs" in given:
+        distill["train"]["epochs"] = given["distill_epochs"]
+    if "precision" in given:
+        for section in (change["pretrain"], change["finetune"], distill):
+            section["train"]["precision"] = given["precision"]
+    if "elastic" in given:
+        for section in (change["finetune"], distill):
+            section["train"]["augment"] = {"elastic": given["elastic"]}
+    if "finetune_elastic" in given:
+        change["finetune"]["train"]["augment"] = {"elastic": given["finetune_elastic"]}
+    for key in ("temperature", "hard_weight"):
+        if key in given:
+            distill[key] = given[key]
+    distill["consistency"] = json.loads(given.get("consistency", "{}"))
+    distill["propagate"] = json.loads(given.get("propagate", "{}"))
+    if "consistency_epochs" in given:
+        distill["consistency"]["epochs"] = given["consistency_epochs"]
+    if "propagate_rounds" in given:
+        distill["propagate"]["rounds"] = given["propagate_rounds"]
+    change["distill"] = distill
+    params = merged(params, change)
+    if args.quick:  # a smoke run: every phase a step or an epoch
+        d = params["distill"]
+        for train in (params["pretrain"]["train"], d["train"]):
+            train.update(epochs=1, max_steps=20)
+        params["finetune"]["train"]["epochs"] = 5
+        d["consistency"]["epochs"] = min(1, d["consistency"].get("epochs", 0))
+        d["propagate"]["epochs"] = 1
+    return parse_params(params, PRESET)
 
 
 def test_error(model_dir: Path, test: Dataset) -> float:
@@ -152,7 +156,7 @@ def main() -> None:
     )
     ap.add_argument("--data", type=Path, required=True, help="the four MNIST .gz files")
     ap.add_argument("--draws", type=int, nargs="+", default=[0, 1, 2], help="label-draw seeds")
-    ap.add_argument("--routes", nargs="+", default=["supervised", "contrastive-cnn", "mae-vit"])
+    ap.add_argument("--routes", nargs="+", choices=list(ROUTES), default=list(ROUTES))
     ap.add_argument(
         "--strategies",
         nargs="+",
@@ -163,49 +167,43 @@ def main() -> None:
     ap.add_argument(
         "--pretrain-epochs",
         type=int,
-        help=f"over the 60,000 images (default per route: {PRETRAIN_EPOCHS})",
+        help="over the 60,000 images",
     )
-    ap.add_argument("--finetune-epochs", type=int, default=100, help="over the 100 labels")
-    ap.add_argument("--distill-epochs", type=int, default=8, help="over the 60,100 images")
+    ap.add_argument("--finetune-epochs", type=int, help="over the 100 labels")
+    ap.add_argument("--distill-epochs", type=int, help="over the 60,100 images")
     ap.add_argument(
         "--consistency-epochs",
         type=int,
-        default=0,
         help="distill.consistency.epochs: FixMatch-style epochs after distillation",
     )
     ap.add_argument(
         "--consistency",
-        default="{}",
         metavar="JSON",
         help='other distill.consistency params, e.g. \'{"ema": 0.999, "keep": "last"}\'',
     )
     ap.add_argument(
         "--propagate-rounds",
         type=int,
-        default=0,
         help="distill.propagate.rounds: label-propagation rounds after distillation",
     )
     ap.add_argument(
         "--propagate",
-        default="{}",
         metavar="JSON",
         help='other distill.propagate params, e.g. \'{"neighbours": 30, "epochs": 6}\'',
     )
     ap.add_argument(
         "--elastic",
         type=float,
-        default=0.0,
         help="elastic distortion (alpha, pixels) in fine-tuning's and distillation's augmentation",
     )
     ap.add_argument(
         "--finetune-elastic",
         type=float,
-        default=0.0,
         help="elastic distortion in fine-tuning's augmentation alone (overrides --elastic there)",
     )
-    ap.add_argument("--hard-weight", type=float, default=4.0, help="distill.hard_weight")
-    ap.add_argument("--temperature", type=float, default=2.0)
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    ap.add_argument("--hard-weight", type=float, help="distill.hard_weight")
+    ap.add_argument("--temperature", type=float, help="distill.temperature")
+    ap.add_argument("--precision", choices=["fp32", "bf16"])
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny epoch counts")
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "few_labels.csv")
@@ -247,29 +245,19 @@ def main() -> None:
             {},
         )
         params = route_params(route, args)
-        pretrain_minutes = 0.0
-        if route != "supervised":
-            t0 = time.perf_counter()
-            result = pretrain.run(
-                params,
-                data=base / "corpus",
-                out=base / "pretrained",
-                reports=base / "reports",
-                checkpoints=base / "ck",
-            )
-            pretrain_minutes = (time.perf_counter() - t0) / 60
-            print(
-                f"{route}: pretrained in {pretrain_minutes:.1f} min "
-                f"({result['images_per_s']:.0f} images/s)"
-            )
-        else:  # the scratch baseline needs an architecture to build: a CNN, untrained
-            pretrain.run(
-                parse_params({"pretrain": {"model": CNN, "train": {"epochs": 1, "max_steps": 1}}}),
-                data=_arch_only(base, first),
-                out=base / "pretrained",
-                reports=base / "reports",
-                checkpoints=base / "ck",
-            )
+        t0 = time.perf_counter()
+        result = pretrain.run(
+            params,
+            data=base / "corpus",
+            out=base / "pretrained",
+            reports=base / "reports",
+            checkpoints=base / "ck",
+        )
+        pretrain_minutes = (time.perf_counter() - t0) / 60
+        print(
+            f"{route}: pretrained in {pretrain_minutes:.1f} min "
+            f"({result['images_per_s']:.0f} images/s)"
+        )
         strategies = args.strategies if route == "mae-vit" else [None]
         for draw, labelled in draws.items():
             task = base / f"task-{draw}"
@@ -288,11 +276,9 @@ def main() -> None:
                     checkpoints=task / "ck",
                 )
                 ft_minutes = (time.perf_counter() - t0) / 60
-                teacher = task / ("scratch" if route == "supervised" else f"ft-{strategy}")
+                teacher = task / f"ft-{strategy}"  # as the pipeline's distill stage takes it
                 err = test_error(teacher, test)
                 fraction = ft["metrics"]["finetuned"]["trainable_fraction"]
-                if route == "supervised":
-                    fraction = 1.0
                 # the whole loop on a copy of the corpus splits beside this draw's labels
                 t0 = time.perf_counter()
                 distill.run(
@@ -342,14 +328,6 @@ def distil_step(p: Params) -> str:
     if d.propagate.rounds:
         step += f" + {d.propagate.rounds} propagation rounds"
     return step
-
-
-def _arch_only(base: Path, labelled: Dataset) -> Path:
-    """A labelled split set for the (untrained) CNN whose architecture the scratch baseline
-    copies: the supervised route has no pretraining."""
-    out = base / "arch"
-    save_splits(out, {"train": labelled, "val": labelled}, {})
-    return out
 
 
 def report(df: pd.DataFrame, args: argparse.Namespace) -> None:

@@ -9,6 +9,11 @@ images memory-mapped (``load_split(..., mmap=True)``, what ``tasks.pretrain`` do
 process of its own, and reports its peak resident memory (target: under 1.5 GB) and
 images/s. Reference, same run: one epoch on a corpus that fits (``--fits`` images) loaded into
 memory, against the same corpus memory-mapped (target: memory-mapped >= 0.9x).
+
+Then the ``distill`` stage on the large corpus (``tasks.distill.run``, in a process of its own):
+the teacher labels every corpus image with soft targets and a student trains one epoch on the
+corpus beside a small labelled set, reading the corpus batch by batch; its peak resident
+memory has the same target (under 1.5 GB). ``--stages fit`` or ``distill`` runs one alone.
 """
 
 from __future__ import annotations
@@ -54,6 +59,34 @@ print(json.dumps({
 """
 
 
+DISTILL_CHILD = """
+import json, sys
+from pathlib import Path
+import numpy as np, torch
+from graftline.config import parse_params
+from graftline.data.store import load_split, save_splits
+from graftline.models import build_classifier, save_checkpoint
+from tasks import distill
+corpus, work = Path(sys.argv[1]), Path(sys.argv[2])
+val = load_split(corpus, "val")  # 2,000 labelled images: the task's train and val
+save_splits(work / "task", {"train": val.subset(np.arange(1000)), "val": val.subset(np.arange(1000, 2000))}, {})
+cnn = {"arch": "cnn", "channels": [8, 16], "hidden": 32, "dropout": 0.0}
+torch.manual_seed(0)
+save_checkpoint(work / "teacher" / "model.pt", build_classifier(cnn, 1, 28, 10), model_config=cnn,
+                classes=val.classes, input_shape=(1, 28, 28))
+train = {"epochs": 1, "batch_size": 512, "lr": 0.003, "schedule": "none", "num_threads": 2}
+params = parse_params({"distill": {"enabled": True, "model": cnn, "train": train}})
+t0 = __import__("time").perf_counter()
+out = distill.run(params, corpus=corpus, data=work / "task", teacher=work / "teacher",
+                  out=work / "student", reports=work / "reports", checkpoints=work / "ck")
+print(json.dumps({
+    "seconds": __import__("time").perf_counter() - t0,
+    "corpus_images": out["metrics"]["corpus_images"],
+    "peak_rss_gb": next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 2**20,
+}))
+"""
+
+
 def write_store(dest: Path, n: int, seed: int = 0, chunk: int = 200_000) -> float:
     """A labelled synthetic corpus of ``n`` images, written a chunk at a time; returns GB."""
     dest.mkdir(parents=True)
@@ -92,9 +125,9 @@ def write_store(dest: Path, n: int, seed: int = 0, chunk: int = 200_000) -> floa
     return gb
 
 
-def epoch(root: Path, mode: str) -> dict[str, float]:
+def epoch(root: Path, mode: str, child: str = CHILD) -> dict[str, float]:
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(root), mode],
+        [sys.executable, "-c", child, str(root), mode],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -112,35 +145,50 @@ def main() -> None:
     ap.add_argument("--gb", type=float, default=3.0, help="size of the large corpus's pixels")
     ap.add_argument("--fits", type=int, default=300_000, help="images of the corpus that fits")
     ap.add_argument("--work", type=Path, help="folder for the corpora (default: a temp folder)")
+    ap.add_argument("--stages", nargs="+", choices=["fit", "distill"], default=["fit", "distill"])
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="graftline-bench-memory-", dir=args.work))
     try:
         t0 = time.perf_counter()
-        small = work / "fits"
-        write_store(small, args.fits)
-        in_memory = epoch(small, "memory")
-        mapped_small = epoch(small, "mmap")
-        shutil.rmtree(small)
+        if "fit" in args.stages:
+            small = work / "fits"
+            write_store(small, args.fits)
+            in_memory = epoch(small, "memory")
+            mapped_small = epoch(small, "mmap")
+            shutil.rmtree(small)
         n = int(args.gb * 1e9 / (SIDE * SIDE)) + 1
         gb = write_store(work / "large", n)
         print(f"wrote {gb:.2f} GB ({n:,} images) in {time.perf_counter() - t0:.0f} s")
-        large = epoch(work / "large", "mmap")
+        large = epoch(work / "large", "mmap") if "fit" in args.stages else None
+        (work / "distill").mkdir()
+        stage = (
+            epoch(work / "large", str(work / "distill"), DISTILL_CHILD)
+            if "distill" in args.stages
+            else None
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"corpus that fits ({args.fits:,} images, one epoch, small CNN, 2 threads):")
-    print(
-        f"  in memory:       {in_memory['images_per_s']:8.0f} images/s, peak RSS {in_memory['peak_rss_gb']:.2f} GB"
-    )
-    print(
-        f"  memory-mapped:   {mapped_small['images_per_s']:8.0f} images/s, peak RSS {mapped_small['peak_rss_gb']:.2f} GB"
-    )
-    print(
-        f"  ratio memory-mapped/in-memory: {mapped_small['images_per_s'] / in_memory['images_per_s']:.2f} (target >= 0.9)"
-    )
-    print(f"corpus of {gb:.2f} GB, memory-mapped, one epoch:")
-    print(
-        f"  {large['images_per_s']:8.0f} images/s, peak RSS {large['peak_rss_gb']:.2f} GB (target < 1.5 GB)"
-    )
+    if large is not None:
+        print(f"corpus that fits ({args.fits:,} images, one epoch, small CNN, 2 threads):")
+        print(
+            f"  in memory:       {in_memory['images_per_s']:8.0f} images/s, peak RSS {in_memory['peak_rss_gb']:.2f} GB"
+        )
+        print(
+            f"  memory-mapped:   {mapped_small['images_per_s']:8.0f} images/s, peak RSS {mapped_small['peak_rss_gb']:.2f} GB"
+        )
+        print(
+            f"  ratio memory-mapped/in-memory: {mapped_small['images_per_s'] / in_memory['images_per_s']:.2f} (target >= 0.9)"
+        )
+        print(f"corpus of {gb:.2f} GB, memory-mapped, one epoch:")
+        print(
+            f"  {large['images_per_s']:8.0f} images/s, peak RSS {large['peak_rss_gb']:.2f} GB (target < 1.5 GB)"
+        )
+    if stage is not None:
+        print(f"distill stage on the {gb:.2f} GB corpus (soft targets + one student epoch):")
+        print(
+            f"  {stage['corpus_images']:,} corpus images in {stage['seconds'] / 60:.1f} min, "
+            f"peak RSS {stage['peak_rss_gb']:.2f} GB (target < 1.5 GB)"
+        )
 
 
 if __name__ == "__main__":

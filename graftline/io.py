@@ -99,6 +99,15 @@ def hash_arrays(*arrays: np.ndarray, chunk_bytes: int = 64 << 20) -> str:
     return h.hexdigest()
 
 
+def file_sha256(path: Path | str, chunk_bytes: int = 16 << 20) -> str:
+    """sha256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            h.update(block)
+    return h.hexdigest()
+
+
 def release(a: np.ndarray) -> None:
     """Let the kernel drop the pages of a memory-mapped array from this process (they stay in
     the page cache): reading a corpus larger than memory must not grow the resident set.

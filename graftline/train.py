@@ -17,6 +17,7 @@ with exactly the weights of an uninterrupted run.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
@@ -45,6 +46,18 @@ from graftline.objectives import Objective, SelfSupervised, Supervised
 log = logging.getLogger(__name__)
 
 RESUME_FORMAT = "graftline.resume/2"
+# The files whose code decides what a training run computes: a resume checkpoint written by
+# other code is not taken up (graftline.train.loop_version).
+LOOP_FILES = ("train.py", "objectives.py", "data/modules.py", "data/transforms.py")
+
+
+def loop_version() -> str:
+    """A hash of the training loop's code (``LOOP_FILES``)."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for name in LOOP_FILES:
+        h.update((root / name).read_bytes())
+    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -238,10 +251,14 @@ class TrainState:
         self.stopping = EarlyStopping(**{**s, "patience": self.stopping.patience})
 
 
-def save_resume(path: Path, fingerprint: str, state: TrainState, **parts: Any) -> None:
-    """The resume checkpoint: the state, and ``parts`` (model, optimiser, objective, EMA)
-    as state dicts; atomic, through a buffer, so that a full disk fails in Python's write
-    (ENOSPC, which atomic_path reports) rather than deep in torch's zip writer."""
+Fingerprint = str | dict[str, str]
+
+
+def save_resume(path: Path, fingerprint: Fingerprint, state: TrainState, **parts: Any) -> None:
+    """The resume checkpoint: the run's fingerprint, its state, and ``parts`` (model,
+    optimiser, objective, EMA) as state dicts; atomic, through a buffer, so that a full disk
+    fails in Python's write (ENOSPC, which atomic_path reports) rather than deep in torch's
+    zip writer."""
     buf = io.BytesIO()
     torch.save(
         {
@@ -256,10 +273,20 @@ def save_resume(path: Path, fingerprint: str, state: TrainState, **parts: Any) -
         tmp.write_bytes(buf.getvalue())
 
 
-def read_resume(path: Path, fingerprint: str, desc: str) -> dict[str, Any] | None:
+def what_changed(saved: Any, now: Fingerprint) -> str:
+    """Why a resume checkpoint with fingerprint ``saved`` is not this run's, in words."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        changed = [k for k in now if saved.get(k) != now[k]] + [k for k in saved if k not in now]
+        if changed:
+            return f"its {', '.join(changed)} changed since"
+    return "it is another run's (other params, data or starting weights)"
+
+
+def read_resume(path: Path, fingerprint: Fingerprint, desc: str) -> dict[str, Any] | None:
     """The resume checkpoint at ``path`` if it is this run's, else None: none there, one
     that cannot be read safely (truncated, or carrying pickled objects), or another run's
-    (its fingerprint differs: other params, data or starting weights). Says which."""
+    (its fingerprint differs: other params, data, starting weights or training code); says
+    which in one line."""
     # Half-written checkpoints of a killed run (atomic writes leave them beside the real one,
     # under a temporary name); one training at a time writes here, so none is in use.
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
@@ -275,12 +302,8 @@ def read_resume(path: Path, fingerprint: str, desc: str) -> dict[str, Any] | Non
         log.info("%s: starting afresh: %s is of an older format", desc, path)
         return None
     if state.get("fingerprint") != fingerprint:
-        log.info(
-            "%s: starting afresh: %s is from another run (its params, data or starting "
-            "weights differ)",
-            desc,
-            path,
-        )
+        why = what_changed(state.get("fingerprint"), fingerprint)
+        log.info("%s: starting afresh, not resuming from %s: %s", desc, path, why)
         return None
     return state
 
@@ -343,7 +366,7 @@ def fit(
     seed: int,
     groups: list[ParamGroup] | None = None,
     resume_path: Path | str | None = None,
-    fingerprint: str = "",
+    fingerprint: Fingerprint = "",
     desc: str = "train",
     progress: bool | None = None,
     on_epoch_end: Callable[[dict[str, float]], None] | None = None,

@@ -1,4 +1,4 @@
-"""Pieces the two training stages share: run fingerprints and learning-curve tables."""
+"""Pieces the training stages share: run fingerprints and learning-curve tables."""
 
 from __future__ import annotations
 
@@ -13,9 +13,20 @@ from graftline.io import write_text
 
 
 def fingerprint(*parts: Any) -> str:
-    """A stable id of a training run (its params and input hashes), for safe resume."""
+    """A stable id of ``parts`` (params, input hashes)."""
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_identity(*, params: Any, data: Any, start: Any = None, **more: Any) -> dict[str, str]:
+    """What a training run's result depends on, each part named: its ``params``, its
+    ``data`` (content hashes), the weights it ``start`` s from (the pretrained backbone's or
+    the teacher's file hash) and the training loop's code. A resume checkpoint is taken up
+    only by a run whose identity is the same, and a mismatch is reported by name."""
+    from graftline.train import loop_version
+
+    parts = {"params": params, "data": data, "starting weights": start, **more}
+    return {k: fingerprint(v) for k, v in parts.items()} | {"training code": loop_version()}
 
 
 def write_history(path: Path, history: list[dict[str, float]]) -> None:

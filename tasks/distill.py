@@ -28,14 +28,14 @@ from graftline.data.dataset import Dataset
 from graftline.data.modules import ImageData, Part
 from graftline.data.store import load_split, read_manifest
 from graftline.errors import ArtifactError
-from graftline.io import write_json, write_text
+from graftline.io import file_sha256, write_json, write_text
 from graftline.models import build_classifier, save_checkpoint
 from graftline.models.checkpoint import load_checkpoint
 from graftline.objectives import Consistency, Distillation, features
 from graftline.propagation import propagate_labels, reduce_features
 from graftline.train import FitResult, fit, predict_proba
 from tasks._stage import stage_main
-from tasks._training import fingerprint, write_history
+from tasks._training import run_identity, write_history
 
 log = logging.getLogger("graftline.distill")
 
@@ -111,11 +111,13 @@ def run(
             "spatial representation; set features: output"
         )
     manifest = read_manifest(data)
-    fp = fingerprint(
-        d.model_dump(),
-        {s: v["sha256"] for s, v in manifest["splits"].items()},
-        read_manifest(corpus)["splits"]["train"]["sha256"],
-        tck.get("metrics"),
+    fp = run_identity(
+        params=d.model_dump(),
+        data={
+            **{s: v["sha256"] for s, v in manifest["splits"].items()},
+            "corpus": read_manifest(corpus)["splits"]["train"]["sha256"],
+        },
+        start=file_sha256(teacher / paths.MODEL_FILE),  # the teacher's weights
     )
     resume = checkpoints / "distill" / "last.pt"
     result = fit(
@@ -205,7 +207,7 @@ def _consistency(
     train: Dataset,
     val: Dataset,
     checkpoints: Path,
-    fp: str,
+    fp: dict[str, str],
 ) -> FitResult:
     """The distilled student goes on learning from the corpus by FixMatch-style consistency
     (``distill.consistency``); the labelled set is repeated to make ``labelled_share`` of the
@@ -245,7 +247,7 @@ def _consistency(
         cfg,
         seed=d.seed + 1,
         resume_path=checkpoints / "distill" / "consistency.pt",
-        fingerprint=fingerprint(fp, "consistency"),
+        fingerprint={**fp, "phase": "consistency"},
         desc="student (consistency)",
         objective=objective,
     )
@@ -258,7 +260,7 @@ def _propagate_round(
     train: Dataset,
     val: Dataset,
     checkpoints: Path,
-    fp: str,
+    fp: dict[str, str],
     r: int,
 ) -> tuple[FitResult, dict[str, float]]:
     """One round of ``distill.propagate``: the labels spread over the k-NN graph of the
@@ -307,7 +309,7 @@ def _propagate_round(
         cfg,
         seed=d.seed + 2 + r,
         resume_path=checkpoints / "distill" / f"propagate-{r}.pt",
-        fingerprint=fingerprint(fp, f"propagate-{r}"),
+        fingerprint={**fp, "phase": f"propagate-{r}"},
         desc=f"student (propagation {r + 1}/{p.rounds})",
     )
     return result, summary

@@ -18,13 +18,13 @@ from graftline import layout as paths
 from graftline.config import FinetuneParams, Params
 from graftline.data.store import load_split, read_manifest
 from graftline.errors import ArtifactError
-from graftline.io import write_json
+from graftline.io import file_sha256, write_json
 from graftline.models import Classifier, build_classifier, save_checkpoint
 from graftline.models.checkpoint import load_checkpoint
 from graftline.models.lora import add_adapters, merge_adapters
 from graftline.train import ParamGroup, fit
 from tasks._stage import stage_main
-from tasks._training import fingerprint, write_history
+from tasks._training import run_identity, write_history
 
 log = logging.getLogger("graftline.finetune")
 
@@ -112,6 +112,8 @@ def run(
             f"the task data in {data} has {shape}; set preprocess.image_size/channels to match"
         )
     model_cfg = ckpt["model_config"]
+    # A resume must continue on the same backbone: its weights' hash is part of the run's id.
+    backbone_sha256 = file_sha256(pretrained / paths.MODEL_FILE)
     data_ids = {s: v["sha256"] for s, v in manifest["splits"].items()}
     results: dict[str, Any] = {}
     for name, out in (("finetuned", finetuned_out), ("scratch", scratch_out)):
@@ -125,7 +127,7 @@ def run(
             groups = None
             cfg = p.scratch or p.train
         resume = checkpoints / "finetune" / name / "last.pt"
-        fp = fingerprint(name, p.model_dump(), data_ids, ckpt.get("data_sha256"))
+        fp = run_identity(params=(name, p.model_dump()), data=data_ids, start=backbone_sha256)
         result = fit(
             model,
             train,

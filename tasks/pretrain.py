@@ -21,7 +21,7 @@ from graftline.models import build_classifier, save_checkpoint
 from graftline.objectives import Contrastive, MaskedAutoencoder
 from graftline.train import fit, predict_proba
 from tasks._stage import stage_main
-from tasks._training import fingerprint, write_history
+from tasks._training import run_identity, write_history
 
 log = logging.getLogger("graftline.pretrain")
 
@@ -62,7 +62,9 @@ def run(
             augment=cc.augment.model_dump(),
             knn_k=cc.knn_k,
         )
-    fp = fingerprint(p.model_dump(), {s: v["sha256"] for s, v in manifest["splits"].items()})
+    fp = run_identity(
+        params=p.model_dump(), data={s: v["sha256"] for s, v in manifest["splits"].items()}
+    )
     resume = checkpoints / "pretrain" / "last.pt"
     result = fit(
         model,
