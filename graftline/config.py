@@ -162,6 +162,20 @@ class PreprocessParams(_Strict):
 
 
 # --------------------------------------------------------------------------- models, training
+class Normalize(_Strict):
+    """Per-channel input normalisation, ``(x - mean) / std`` on pixels scaled to [0, 1]."""
+
+    mean: list[float] = Field(min_length=1, max_length=3)
+    std: list[Annotated[float, Field(gt=0)]] = Field(min_length=1, max_length=3)
+
+
+NORMALIZE_HELP = (
+    "per-channel mean and std the backbone normalises its [0, 1] input with, first thing "
+    "(e.g. a photo set's statistics); part of the model, recorded in every checkpoint and "
+    "applied alike in training, evaluation and serving; none: the [0, 1] pixels as they are"
+)
+
+
 class CnnConfig(_Strict):
     """The seed document's CNN; the checkpoint stores this so it can be rebuilt."""
 
@@ -175,6 +189,7 @@ class CnnConfig(_Strict):
     padding: Literal["valid", "same"] = Field(
         default="valid", description="3x3 convs: 'valid' (the seed CNN) or 'same' (keeps borders)"
     )
+    normalize: Normalize | None = Field(default=None, description=NORMALIZE_HELP)
 
 
 class VitConfig(_Strict):
@@ -190,6 +205,7 @@ class VitConfig(_Strict):
     pool: Literal["cls", "mean"] = Field(
         default="cls", description="the feature: the class token, or the mean of patch tokens"
     )
+    normalize: Normalize | None = Field(default=None, description=NORMALIZE_HELP)
 
     @model_validator(mode="after")
     def _heads(self) -> VitConfig:

@@ -255,7 +255,10 @@ def model_card(
     name, folder = deployed(params)
     model, ckpt = load_checkpoint(root / folder / paths.MODEL_FILE)
     n_params = sum(p.numel() for p in model.parameters())
-    arch = ", ".join(f"{k}={v}" for k, v in ckpt["model_config"].items())
+    arch = ", ".join(
+        f"{k}={v}" for k, v in ckpt["model_config"].items() if v is not None and k != "normalize"
+    )
+    norm = ckpt["model_config"].get("normalize")
     tf = input_transform(ckpt)
     shape = "x".join(str(d) for d in ckpt["input_shape"])
     ft = params.finetune
@@ -278,8 +281,14 @@ def model_card(
             if name == "student"
             else "."
         ),
-        f"Input: {shape} images; transform `{tf['fit']}`: {describe_transform(tf)}. "
-        "Serving and batch prediction apply the same.",
+        f"Input: {shape} images; transform `{tf['fit']}`: {describe_transform(tf)}"
+        + (
+            f", then normalised by the backbone, mean {norm['mean']} and std {norm['std']} per "
+            "channel. "
+            if norm
+            else ". "
+        )
+        + "Serving and batch prediction apply the same.",
         "",
         "**Data.**",
         "",

@@ -22,6 +22,7 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
         dropout=cfg["dropout"],
         batch_norm=cfg.get("batch_norm", False),
         padding=cfg.get("padding", "valid"),
+        normalize=cfg.get("normalize"),
     ),
     "vit": lambda cfg, in_channels, image_size: ViTBackbone(
         in_channels=in_channels,
@@ -33,6 +34,7 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
         mlp_ratio=cfg["mlp_ratio"],
         dropout=cfg["dropout"],
         pool=cfg["pool"],
+        normalize=cfg.get("normalize"),
     ),
 }
 

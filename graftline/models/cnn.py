@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from graftline.models.norm import InputNorm
+
 
 class CNNBackbone(nn.Module):
     """Conv blocks (3x3 conv, 'valid' or 'same', ReLU, 2x2 max-pool), then flatten and one dense layer.
@@ -23,8 +25,10 @@ class CNNBackbone(nn.Module):
         dropout: float = 0.25,
         batch_norm: bool = False,
         padding: str = "valid",
+        normalize: dict[str, list[float]] | None = None,
     ) -> None:
         super().__init__()
+        self.input_norm = InputNorm(in_channels, normalize)
         layers: list[nn.Module] = []
         c, side = in_channels, image_size
         for width in channels:
@@ -48,9 +52,9 @@ class CNNBackbone(nn.Module):
         self.out_features = hidden
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense(self.features(x))
+        return self.dense(self.features(self.input_norm(x)))
 
     def spatial(self, x: torch.Tensor) -> torch.Tensor:
         """The last conv block's maps, ``(N, C, H, W)``: the per-position representation
         below the dense layer."""
-        return self.features(x)
+        return self.features(self.input_norm(x))

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graftline.models.norm import InputNorm
+
 
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float) -> None:
@@ -60,9 +62,16 @@ class Embedding(nn.Module):
     class token; one module, so that layer-wise LR decay can treat it as layer 0."""
 
     def __init__(
-        self, in_channels: int, dim: int, patch_size: int, num_patches: int, cls: bool
+        self,
+        in_channels: int,
+        dim: int,
+        patch_size: int,
+        num_patches: int,
+        cls: bool,
+        normalize: dict[str, list[float]] | None = None,
     ) -> None:
         super().__init__()
+        self.input_norm = InputNorm(in_channels, normalize)
         self.patch = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
         self.pos = nn.Parameter(torch.zeros(1, num_patches, dim))
         self.cls = nn.Parameter(torch.zeros(1, 1, dim)) if cls else None
@@ -71,7 +80,7 @@ class Embedding(nn.Module):
             nn.init.trunc_normal_(self.cls, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        return self.patch(self.input_norm(x)).flatten(2).transpose(1, 2) + self.pos
 
 
 class ViTBackbone(nn.Module):
@@ -86,6 +95,7 @@ class ViTBackbone(nn.Module):
         mlp_ratio: float = 2.0,
         dropout: float = 0.0,
         pool: str = "cls",
+        normalize: dict[str, list[float]] | None = None,
     ) -> None:
         super().__init__()
         if image_size % patch_size:
@@ -95,7 +105,9 @@ class ViTBackbone(nn.Module):
         self.pool = pool
         self.patch_size = patch_size
         self.num_patches = (image_size // patch_size) ** 2
-        self.embed = Embedding(in_channels, dim, patch_size, self.num_patches, pool == "cls")
+        self.embed = Embedding(
+            in_channels, dim, patch_size, self.num_patches, pool == "cls", normalize
+        )
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.out_features = dim

@@ -66,7 +66,9 @@ def write_shapes(root: Path, per_class: int, seed: int) -> Path:
 
 def photo_params(corpus: Path, task: Path) -> dict:
     folder = {"kind": "folder", "fit": "resize"}
-    cnn = {"channels": [8, 16], "hidden": 32, "batch_norm": True}
+    # the light backgrounds' statistics, normalised by the backbone (recorded with the model)
+    norm = {"mean": [0.75, 0.75, 0.75], "std": [0.25, 0.25, 0.25]}
+    cnn = {"channels": [8, 16], "hidden": 32, "batch_norm": True, "normalize": norm}
     return {
         "preprocess": {
             "seed": 0,

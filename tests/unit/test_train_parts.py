@@ -203,3 +203,47 @@ def test_a_module_without_image_augmentation_says_so() -> None:
     with pytest.raises(ValueError, match="train.augment: rotate, shift augment images"):
         module.augmented({"shift": 0.1, "rotate": 5.0})
     assert Supervised().val_acc_name == "val_acc"
+
+
+@pytest.mark.parametrize("cfg", [CNN, VIT], ids=["cnn", "vit"])
+def test_the_backbone_normalises_its_input_as_its_config_says(cfg: dict) -> None:
+    """``model.normalize``: the model on [0, 1] pixels equals the same weights without it on
+    inputs normalised by hand; every path through the backbone (forward, spatial) does it."""
+    norm = {"mean": [0.2, 0.4, 0.6], "std": [0.5, 0.25, 0.1]}
+    torch.manual_seed(0)
+    plain = build_classifier(cfg, 3, 28, 3)
+    normed = build_classifier({**cfg, "normalize": norm}, 3, 28, 3)
+    normed.load_state_dict(plain.state_dict())  # the same weights: the buffers are not saved
+    plain.eval(), normed.eval()
+    x = torch.rand(4, 3, 28, 28)
+    by_hand = (x - torch.tensor(norm["mean"]).view(1, 3, 1, 1)) / torch.tensor(norm["std"]).view(
+        1, 3, 1, 1
+    )
+    torch.testing.assert_close(normed(x), plain(by_hand))
+    torch.testing.assert_close(normed.backbone.spatial(x), plain.backbone.spatial(by_hand))
+    assert not torch.allclose(normed(x), plain(x))
+    with pytest.raises(ValueError, match="one value per input channel"):
+        build_classifier({**cfg, "normalize": norm}, 1, 28, 3)
+
+
+def test_polarity_is_one_rule_for_training_files_and_served_images() -> None:
+    """A digit source (polarity auto) inverts exactly the images whose border is light, the
+    same way when a source reads them and when a request is served; a photo source (keep)
+    never inverts."""
+    from PIL import Image
+
+    from graftline.data.transforms import apply_transform, geometry
+    from graftline.serve.batch import prepare_image
+
+    dark = np.zeros((1, 1, 28, 28), np.uint8)
+    dark[0, 0, 8:20, 12:16] = 250  # a light stroke on black
+    light = 255 - dark  # the same stroke, dark on paper
+    digits, photos = geometry("digit_box", 28, 1), geometry("resize", 28, 1)
+    assert digits["polarity"] == "auto" and photos["polarity"] == "keep"
+    both = apply_transform(np.concatenate([dark, light]), digits)
+    np.testing.assert_array_equal(both[0], both[1])
+    served = prepare_image(Image.fromarray(light[0, 0]), digits)
+    np.testing.assert_array_equal(served, both[1].astype(np.float32))
+    kept = apply_transform(light, photos)
+    np.testing.assert_array_equal(kept, light)
+    np.testing.assert_array_equal(prepare_image(Image.fromarray(light[0, 0]), photos), light[0])
