@@ -30,3 +30,7 @@ METRICS = REPORTS / "metrics.json"
 # Resume checkpoints live outside DVC's outs: DVC deletes a stage's outs before re-running
 # it, and a crashed run must find its last epoch again.
 CHECKPOINTS = Path(".graftline/checkpoints")
+# What each model's training ran on (graftline.train.environment), beside the checkpoints and
+# outside DVC's outs for the same reason, and because it differs between machines whose
+# models may be bit-identical: in an out it would make their hashes differ.
+ENVIRONMENT = Path(".graftline/environment")

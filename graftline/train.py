@@ -111,6 +111,18 @@ def resolve_device(name: str) -> torch.device:
     return device_for(name, torch.cuda.is_available(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def environment(device: str = "cpu") -> dict[str, str]:
+    """What the kernels of a training ran on, which decides the last bits of its weights:
+    torch's version, the CPU capability its kernels were dispatched at (``default``,
+    ``avx2``, ``avx512``; ``ATEN_CPU_CAPABILITY`` pins it), the thread count, the device."""
+    return {
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": str(torch.get_num_threads()),
+        "device": str(resolve_device(device)),
+    }
+
+
 def set_up(cfg: TrainConfig, seed: int) -> torch.device:
     """Threads, the device (made this process's current CUDA device, so that every rank
     works on its own GPU), deterministic kernels and the seed."""

@@ -29,6 +29,22 @@ def run_identity(*, params: Any, data: Any, start: Any = None, **more: Any) -> d
     return {k: fingerprint(v) for k, v in parts.items()} | {"training code": loop_version()}
 
 
+def record_environment(checkpoints: Path, model: str, device: str) -> dict[str, str]:
+    """Write what ``model``'s training ran on beside ``checkpoints`` (in
+    ``.graftline/environment/<model>.json``: deploy tags the registered version with it), and
+    tag the stage's MLflow run with it."""
+    import mlflow
+
+    from graftline.io import write_json
+    from graftline.train import environment
+
+    env = environment(device)
+    write_json(checkpoints.parent / "environment" / f"{model}.json", env)
+    if mlflow.active_run() is not None:
+        mlflow.set_tags({f"graftline.env.{model}.{k}": v for k, v in env.items()})
+    return env
+
+
 def write_history(path: Path, history: list[dict[str, float]]) -> None:
     """Per-epoch learning curve as CSV (a DVC plot); wall-clock columns are left out so the
     file, and so ``dvc.lock``, is the same on every re-run."""

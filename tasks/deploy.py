@@ -55,6 +55,19 @@ def deployed(params: Params) -> tuple[str, Path]:
     return "finetuned", paths.FINETUNED
 
 
+def training_environment(params: Params, root: Path = Path(".")) -> dict[str, str]:
+    """What the deploying model's training ran on, as lineage tags (``graftline.env.*``),
+    from the record its stage left (``.graftline/environment``); ``unknown`` when this
+    checkout did not train it (its stage restored from DVC's cache)."""
+    name, _ = deployed(params)
+    path = root / paths.ENVIRONMENT / f"{name}.json"
+    try:
+        env = json.loads(path.read_text())
+    except (OSError, ValueError):
+        env = {k: "unknown" for k in ("torch", "cpu_capability", "threads", "device")}
+    return {f"graftline.env.{k}": str(v) for k, v in env.items()}
+
+
 def model_tag(params: Params) -> str:
     """The lineage tag holding the dvc.lock hash of the model that deploys."""
     return (
@@ -324,7 +337,11 @@ def model_card(
         "**Reproduce.** "
         f"`graftline reproduce {version}` rebuilds it from git commit "
         f"`{lineage.get('graftline.git_commit', '?')}` and the data above (DVC), and compares "
-        "the weights."
+        "the weights. Trained with torch "
+        f"{lineage.get('graftline.env.torch', '?')} on {lineage.get('graftline.env.device', '?')}"
+        f" ({lineage.get('graftline.env.threads', '?')} threads, CPU kernels at "
+        f"{lineage.get('graftline.env.cpu_capability', '?')}): another CPU capability or torch "
+        "version computes other last bits."
         + (
             f" Prefect flow run `{lineage['graftline.prefect_flow_run_id']}`."
             if lineage.get("graftline.prefect_flow_run_id")
@@ -409,7 +426,7 @@ def run(
     p = params.deploy
     if packaged is None:
         packaged = package(params, root)
-    lineage = tracking.lineage_tags(root, flow_run_id)
+    lineage = {**tracking.lineage_tags(root, flow_run_id), **training_environment(params, root)}
     registry = Registry(p.model_name)
     version = registry.register(packaged.model_uri, packaged.run_id, tags=lineage)
     champ_version = packaged.scored.champion_version

@@ -35,7 +35,7 @@ from graftline.objectives import Consistency, Distillation, features
 from graftline.propagation import propagate_labels, reduce_features
 from graftline.train import FitResult, fit, predict_proba
 from tasks._stage import stage_main
-from tasks._training import run_identity, write_history
+from tasks._training import record_environment, run_identity, write_history
 
 log = logging.getLogger("graftline.distill")
 
@@ -163,6 +163,7 @@ def run(
         metrics["propagate_rounds"] = d.propagate.rounds
         metrics["propagate_changed"] = summary["changed"]
         metrics["propagate_unreached"] = summary["unreached"]
+    record_environment(checkpoints, "student", d.train.device)
     save_checkpoint(
         out / paths.MODEL_FILE,
         student,

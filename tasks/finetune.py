@@ -24,7 +24,7 @@ from graftline.models.checkpoint import load_checkpoint
 from graftline.models.lora import add_adapters, merge_adapters
 from graftline.train import ParamGroup, fit
 from tasks._stage import stage_main
-from tasks._training import run_identity, write_history
+from tasks._training import record_environment, run_identity, write_history
 
 log = logging.getLogger("graftline.finetune")
 
@@ -149,6 +149,7 @@ def run(
             log.info("%s: adapters merged into the weights", name)
         if not distributed.is_main():  # under torchrun, rank 0 alone writes
             continue
+        record_environment(checkpoints, name, cfg.device)
         save_checkpoint(
             out / paths.MODEL_FILE,
             model,

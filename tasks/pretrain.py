@@ -21,7 +21,7 @@ from graftline.models import build_classifier, save_checkpoint
 from graftline.objectives import Contrastive, MaskedAutoencoder
 from graftline.train import fit, predict_proba
 from tasks._stage import stage_main
-from tasks._training import run_identity, write_history
+from tasks._training import record_environment, run_identity, write_history
 
 log = logging.getLogger("graftline.pretrain")
 
@@ -90,6 +90,7 @@ def run(
         test = load_split(data, "test")
         pred = predict_proba(model, test.images).argmax(1)
         metrics["test_acc"] = float(np.mean(pred == test.labels))
+    record_environment(checkpoints, "pretrained", p.train.device)
     save_checkpoint(
         out / paths.MODEL_FILE,
         model,

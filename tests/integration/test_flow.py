@@ -81,6 +81,13 @@ def test_flow_runs_dvc_stages_tracks_and_deploys(repo: Path) -> None:
         "graftline.params",
     ):
         assert tags.get(key), key
+    # the environment the deployed model's kernels ran in, from its training stage
+    import torch
+
+    assert tags["graftline.env.torch"] == torch.__version__
+    assert tags["graftline.env.cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert tags["graftline.env.device"] == "cpu" and int(tags["graftline.env.threads"]) >= 1
+    assert tags["graftline.env.cpu_capability"] in reg.version(version).description
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     task_md5 = next(
         o["md5"] for o in lock["stages"]["preprocess"]["outs"] if o["path"] == "data/processed/task"
