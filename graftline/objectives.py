@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graftline.data.modules import Batch, DataModule, ImageData, Part
+from graftline.data.modules import Batch, DataModule, ImageData
 from graftline.data.transforms import augment_batch
 from graftline.models.vit import Block, ViTBackbone
 
@@ -345,8 +345,7 @@ def features(
     backbone's output, or with ``spatial`` its per-position representation
     (``backbone.spatial``: the CNN's last conv maps, the ViT's patch tokens) flattened."""
     if not isinstance(data, DataModule):
-        images = data.numpy() if isinstance(data, torch.Tensor) else data
-        data = ImageData([Part(images, np.full(len(images), -1, np.int64))], [], {})
+        data = ImageData.unlabelled(data.numpy() if isinstance(data, torch.Tensor) else data)
     backbone.eval()
     dev = next(backbone.parameters()).device
     run = backbone.spatial if spatial else backbone

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from graftline import distributed
 from graftline.config import TrainConfig
 from graftline.data.dataset import Dataset
-from graftline.data.modules import DataModule, data_module
+from graftline.data.modules import DataModule, ImageData, data_module
 from graftline.errors import TrainingError
 from graftline.io import atomic_path
 from graftline.objectives import Objective, SelfSupervised, Supervised
@@ -652,12 +652,7 @@ def predict_proba(
     targets) when above 1. A batch at a time: a memory-mapped corpus stays on disk."""
     model.eval()
     dev = next(model.parameters()).device
-    if isinstance(data, DataModule):
-        parts = (data.to_device(b, dev).inputs for b in data.sequential(batch_size))
-    else:
-        parts = (
-            torch.from_numpy(np.ascontiguousarray(data[i : i + batch_size])).to(dev).float() / 255.0
-            for i in range(0, len(data), batch_size)
-        )
+    module = data if isinstance(data, DataModule) else ImageData.unlabelled(data)
+    parts = (module.to_device(b, dev).inputs for b in module.sequential(batch_size))
     out = [F.softmax(model(x) / temperature, dim=1).cpu() for x in parts]
     return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)

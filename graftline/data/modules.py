@@ -233,6 +233,11 @@ class ImageData(DataModule):
         """A dataset's images and labels as one part."""
         return cls([Part(ds.images, ds.labels)], ds.classes, ds.transform, augment)
 
+    @classmethod
+    def unlabelled(cls, images: np.ndarray) -> ImageData:
+        """Bare images (uint8, or float in [0, 255]) as a module: prediction, features."""
+        return cls([Part(images, np.full(len(images), -1, np.int64))], [], {})
+
     def augmented(self, spec: dict[str, Any]) -> ImageData:
         return ImageData(self.parts, self.classes, self.transform, spec)
 
