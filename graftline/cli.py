@@ -199,7 +199,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         ".", reg.name, version, log=lambda m: print(f"reproduce: {m}"), keep=args.keep
     )
     print(report.text())
-    return 0 if report.identical else 1
+    return report.exit_code
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
@@ -404,9 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="rebuild a registered version from its lineage and compare the weights",
         description="Check out the version's git commit in a fresh worktree, bring its data "
         "from the DVC cache or remote, run the pipeline up to finetune from scratch, and "
-        "compare data hashes, params and weights with what was registered. Exit 0 when "
-        "bit-identical, 1 when something differs (the report says what), 2 when the "
-        "version, its commit or its data cannot be found.",
+        "compare data hashes, params and weights with what was registered. Rebuilt where "
+        "the kernels differ (another CPU capability, torch version or device than the "
+        "version's graftline.env.* tags), bits cannot match: the weights are then compared "
+        "within a tolerance and the test accuracies within their 95% interval. Exit 0 when "
+        "bit-identical, 3 when equivalent (another environment, within tolerance), 1 when "
+        "something differs (the report says what), 2 when the version, its commit or its "
+        "data cannot be found.",
     )
     p.add_argument("version", help="registered model version number")
     p.add_argument("--keep", action="store_true", help="keep the worktree for a closer look")

@@ -104,3 +104,27 @@ def test_an_unknown_version_is_a_clear_error(repo: Path) -> None:
     proc = reproduce_cli(repo, "reproduce", "42")
     assert proc.returncode == 2
     assert f"model '{NAME}' has no version 42" in proc.stderr
+
+
+def test_rebuilt_under_other_kernels_is_equivalent_and_names_both(repo: Path) -> None:
+    """Registered under the native kernels; rebuilt with ATEN_CPU_CAPABILITY=default (no
+    SIMD), as another machine's CPU would: the bits cannot be promised, so the verdict is
+    `equivalent` (exit 3) within tolerance, and says where each was built."""
+    import torch
+
+    native = torch.backends.cpu.get_cpu_capability().lower()
+    env = tool_env(repo, ATEN_CPU_CAPABILITY="default")
+    for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
+        env.pop(key, None)
+    proc = graftline(repo, env, "reproduce", "1")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    verdict = proc.stdout.strip().splitlines()[-1]
+    assert verdict.startswith(f"{NAME} v1: equivalent (registered on {native}, ")
+    assert "rebuilt on default" in verdict
+    assert any(
+        line.strip().startswith("weights") and "within" in line for line in proc.stdout.splitlines()
+    )
+    assert any(
+        line.strip().startswith("task data") and " same " in line
+        for line in proc.stdout.splitlines()
+    )
