@@ -299,6 +299,12 @@ class TrainConfig(_Strict):
     max_steps: int | None = Field(
         default=None, ge=1, description="smoke runs: stop after N optimiser steps"
     )
+    portable: bool = Field(
+        default=True,
+        description="pin the stage process's CPU kernels to AVX2 (ATEN_CPU_CAPABILITY, "
+        "ONEDNN_MAX_CPU_ISA, MKL_CBWR), so that AVX2 and AVX-512 machines compute the same "
+        "bits; false: the fastest kernels of each machine, whose last bits differ",
+    )
     distributed: DistributedConfig = Field(
         default=DistributedConfig(),
         description="nproc_per_node > 1: the stage runs under torchrun, each rank on a seeded "

@@ -111,13 +111,30 @@ def resolve_device(name: str) -> torch.device:
     return device_for(name, torch.cuda.is_available(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+# The kernels every x86-64 machine of this project's kind runs alike: PyTorch's own
+# (ATen), oneDNN's convolutions and MKL's GEMMs, each pinned to AVX2 (all of them have it; some
+# also have AVX-512, whose kernels sum in another order and give other last bits).
+PORTABLE_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
+
+
+def portable_kernels() -> bool:
+    """Pin this process's CPU kernels to ``PORTABLE_KERNELS`` (``train.portable``). The
+    libraries read these settings when their first kernel runs; returns False if that
+    already happened at another level (the caller then starts the process anew)."""
+    os.environ.update(PORTABLE_KERNELS)
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT")
+
+
 def environment(device: str = "cpu") -> dict[str, str]:
     """What the kernels of a training ran on, which decides the last bits of its weights:
     torch's version, the CPU capability its kernels were dispatched at (``default``,
-    ``avx2``, ``avx512``; ``ATEN_CPU_CAPABILITY`` pins it), the thread count, the device."""
+    ``avx2``, ``avx512``; ``ATEN_CPU_CAPABILITY`` pins it), whether they were pinned
+    (``train.portable``), the thread count, the device."""
+    pinned = all(os.environ.get(k) == v for k, v in PORTABLE_KERNELS.items())
     return {
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "portable": str(pinned).lower(),
         "threads": str(torch.get_num_threads()),
         "device": str(resolve_device(device)),
     }

@@ -148,6 +148,10 @@ def _dispatch(name: str, run: Callable[[Params], Any], params_path: Path) -> int
         print(f"graftline {name}: error: {err}", file=sys.stderr)
         return 2
     train_cfg = getattr(getattr(params, name), "train", None)
+    # Kernels pinned before the first one runs (train.portable; evaluate's inference too,
+    # so that its figures are the same bits everywhere).
+    if (train_cfg is None or train_cfg.portable) and name != "preprocess":
+        _portable_or_restart(name, params_path)
     ranks = train_cfg.distributed.nproc_per_node if train_cfg is not None else 1
     if ranks > 1 and "LOCAL_RANK" not in os.environ:
         return _launch(name, ranks, params_path)
@@ -157,6 +161,19 @@ def _dispatch(name: str, run: Callable[[Params], Any], params_path: Path) -> int
         finally:
             distributed.shutdown()
     return _main(name, run, params)
+
+
+def _portable_or_restart(name: str, params_path: Path) -> None:
+    """Pin the kernels (``graftline.train.portable_kernels``); if a kernel already ran at
+    another level in this process, start the stage anew with the settings in place."""
+    from graftline.train import PORTABLE_KERNELS, portable_kernels
+
+    already = all(os.environ.get(k) == v for k, v in PORTABLE_KERNELS.items())
+    if portable_kernels() or already:
+        return
+    log.info("%s: restarting with portable kernels (train.portable)", name)
+    argv = [sys.executable, "-m", f"tasks.{name}", "--params", str(params_path)]
+    os.execve(sys.executable, argv, os.environ)
 
 
 # `python -m torch.distributed.run`, stopped by SIGTERM when its parent (the stage) dies. On
