@@ -46,7 +46,7 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(small_disk:
     with pytest.raises(ArtifactError, match=rf"{ckpt}: no space left .*previous version is intact"):
         fit(model, data, None, cfg, seed=0, resume_path=ckpt, fingerprint="f", progress=False)
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    assert state["epoch"] == 0  # the previous checkpoint, whole
+    assert state["state"]["epoch"] == 0  # the previous checkpoint, whole
     assert [p.name for p in ckpt.parent.iterdir()] == [ckpt.name]  # no half-written file
 
 

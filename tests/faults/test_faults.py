@@ -130,7 +130,7 @@ def test_interrupted_run_stops_cleanly_and_resumes_to_the_same_weights(
     for p in stage:
         p.suspend()
     checkpoint = repo / ".graftline/checkpoints/pretrain/last.pt"
-    assert torch.load(checkpoint, weights_only=True)["epoch"] + 1 < EPOCHS
+    assert torch.load(checkpoint, weights_only=True)["state"]["epoch"] + 1 < EPOCHS
     run.send_signal(sig)
     for p in stage:
         p.resume()
@@ -483,7 +483,7 @@ def test_kill_while_a_checkpoint_is_written_keeps_the_previous_one(tmp_path: Pat
         proc.wait()
         kills += 1
         state = torch.load(ckpt, map_location="cpu", weights_only=True)  # whole, or this fails
-        assert state["epoch"] >= 0
+        assert state["state"]["epoch"] >= 0
     assert kills >= 1, "the run never got killed"
     last = trainer(ckpt, out)
     output = last.communicate(timeout=300)[0]

@@ -129,13 +129,13 @@ def test_ddp_resumes_from_the_checkpoint_of_an_interrupted_run(tmp_path: Path) -
     while time.time() < deadline:
         if checkpoint.exists():
             try:
-                if torch.load(checkpoint, weights_only=True)["epoch"] >= 3:
+                if torch.load(checkpoint, weights_only=True)["state"]["epoch"] >= 3:
                     break
             except Exception:  # being replaced right now
                 pass
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         time.sleep(0.2)
-    epoch = torch.load(checkpoint, weights_only=True)["epoch"]
+    epoch = torch.load(checkpoint, weights_only=True)["state"]["epoch"]
     assert epoch + 1 < 40, "pretraining ended before it could be interrupted"
     os.killpg(first.pid, signal.SIGTERM)
     assert first.wait(timeout=60) != 0
