@@ -463,7 +463,7 @@ def fit(
         record, seen = _train_epoch(
             model, data, objective, optimizer, base_lrs, groups, ema, cfg, state,
             epoch=epoch, seed=seed, total_steps=total_steps, device=device,
-            bar=f"{desc} {epoch + 1}/{epochs}", progress=progress,
+            desc=desc, epochs=epochs, progress=progress,
         )  # fmt: skip
         record["seconds"] = time.perf_counter() - t0
         train_time, train_items = train_time + record["seconds"], train_items + seen
@@ -502,7 +502,8 @@ def _train_epoch(
     seed: int,
     total_steps: int,
     device: torch.device,
-    bar: str,
+    desc: str,
+    epochs: int,
     progress: bool | None,
 ) -> tuple[dict[str, float], int]:
     """One epoch of optimiser steps, each over ``cfg.accumulate`` batches; returns the
@@ -517,7 +518,7 @@ def _train_epoch(
     with tqdm(
         data.batches(gen, cfg.batch_size, rank, world),
         total=batches,
-        desc=bar,
+        desc=f"{desc} {epoch + 1}/{epochs}",
         disable=(not progress) if progress is not None else None,
         leave=False,
         unit="batch",
@@ -531,12 +532,13 @@ def _train_epoch(
                     pg["lr"] = base * factor
                 group = range(b, min(b + cfg.accumulate, batches))
                 group_items = sum(min(bs, shard - k * bs) for k in group)
+                optimizer.zero_grad(set_to_none=True)  # any gradient a caller left
             batch = data.augment(data.to_device(batch, device), gen)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                 loss, predicted = objective.step(model, batch, gen)
             if not torch.isfinite(loss):
                 raise TrainingError(
-                    f"{bar.split()[0]}: non-finite loss ({loss.item()}) at epoch {epoch + 1}, "
+                    f"{desc}: non-finite loss ({loss.item()}) at epoch {epoch + 1}, "
                     f"step {state.step + 1}; lower the learning rate (lr={cfg.lr}) or check the data"
                 )
             # Each batch's mean loss weighed by its share of the step's items: the gradient
