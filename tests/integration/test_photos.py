@@ -134,3 +134,6 @@ def test_photos_train_through_the_flow_and_serve_as_evaluated(
 
     assert served == [predicted.loc[rel, "class"] for rel in evaluated.index]
     assert served == evaluated["finetuned"].astype(str).tolist()
+    truth = evaluated["actual"].astype(str).tolist()
+    served_acc = sum(a == b for a, b in zip(served, truth, strict=True)) / len(truth)
+    print(f"photos: {len(truth)} test files, evaluated {accuracy:.3f}, served {served_acc:.3f}")

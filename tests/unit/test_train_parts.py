@@ -28,17 +28,8 @@ from graftline.train import (
     optimizer_groups,
 )
 from tests.conftest import blob_digits
+from tests.unit.test_models import VIT
 
-VIT = {
-    "arch": "vit",
-    "patch_size": 7,
-    "dim": 16,
-    "depth": 2,
-    "heads": 2,
-    "mlp_ratio": 2.0,
-    "dropout": 0.0,
-    "pool": "cls",
-}
 CNN = {"arch": "cnn", "channels": [4, 8], "hidden": 16, "dropout": 0.0}
 
 
