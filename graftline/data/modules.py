@@ -36,7 +36,7 @@ class Batch:
     ``soft`` (a teacher's class probabilities) and ``soft_mask`` (the items that have them).
     """
 
-    inputs: torch.Tensor
+    inputs: torch.Tensor | dict[str, torch.Tensor]
     target: torch.Tensor
     labelled: torch.Tensor
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -52,11 +52,13 @@ class Batch:
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.pin_memory().to(device, non_blocking=non_blocking)
 
+        inputs = (
+            {k: move(v) for k, v in self.inputs.items()}
+            if isinstance(self.inputs, dict)
+            else move(self.inputs)
+        )
         return Batch(
-            move(self.inputs),
-            move(self.target),
-            move(self.labelled),
-            {k: move(v) for k, v in self.extra.items()},
+            inputs, move(self.target), move(self.labelled), {k: move(v) for k, v in self.extra.items()}
         )
 
 
@@ -263,6 +265,45 @@ class ImageData(DataModule):
         batch = self.read(np.asarray(index))
         part = Part(batch.inputs.numpy(), batch.target.numpy())
         return ImageData([part], self.classes, self.transform, self.augmentation)
+
+
+class TokenData(DataModule):
+    """Token sequences: int rows ``(N, max_len)`` of token ids padded with ``pad_id`` (the
+    processed store's layout, memory-mapped or not). A batch is cut to its longest item, and
+    its ``inputs`` are ``{"input_ids", "attention_mask"}``, what Hugging Face models take;
+    a model reads ``batch.inputs`` whatever its kind, so objectives need no change."""
+
+    kind = "text"
+
+    def __init__(
+        self, parts: Sequence[Part], classes: list[str], transform: dict[str, Any], pad_id: int
+    ) -> None:
+        super().__init__(parts, classes, transform)
+        self.pad_id = pad_id
+
+    def collate(self, rows: list[np.ndarray], order: np.ndarray) -> torch.Tensor:
+        ids = rows[0] if len(rows) == 1 else np.concatenate(rows)[order]
+        used = np.flatnonzero((ids != self.pad_id).any(axis=0))
+        width = int(used[-1]) + 1 if len(used) else 1
+        return torch.from_numpy(np.ascontiguousarray(ids[:, :width]).astype(np.int64))
+
+    def read(self, index: np.ndarray) -> Batch:
+        batch = super().read(index)
+        ids = batch.inputs
+        assert isinstance(ids, torch.Tensor)
+        return replace(batch, inputs={"input_ids": ids, "attention_mask": ids != self.pad_id})
+
+    def to_device(self, batch: Batch, device: torch.device) -> Batch:
+        return batch.to(device, non_blocking=True)
+
+    def subset(self, index: np.ndarray) -> TokenData:
+        batch = super().read(np.asarray(index))
+        ids = batch.inputs
+        assert isinstance(ids, torch.Tensor)
+        width = max(p.items.shape[1] for p in self.parts)
+        padded = np.full((len(ids), width), self.pad_id, dtype=np.int64)
+        padded[:, : ids.shape[1]] = ids.numpy()
+        return TokenData([Part(padded, batch.target.numpy())], self.classes, self.transform, self.pad_id)
 
 
 def data_module(data: Dataset | DataModule, augment: dict[str, Any] | None = None) -> DataModule:

@@ -238,3 +238,54 @@ def test_polarity_is_one_rule_for_training_files_and_served_images() -> None:
     kept = apply_transform(light, photos)
     np.testing.assert_array_equal(kept, light)
     np.testing.assert_array_equal(prepare_image(Image.fromarray(light[0, 0]), photos), light[0])
+
+
+def token_rows(n: int, seed: int, width: int = 12, pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Sequences of 3 to ``width`` random tokens (ids 3..49), padded with ``pad``; class k
+    holds token k (ids 0, 1, 2 mark the classes; 0 is also the pad, so class 0 uses id 50)."""
+    rng = np.random.default_rng(seed)
+    rows = np.full((n, width), pad, np.int32)
+    labels = rng.integers(0, 3, n)
+    for i in range(n):
+        length = int(rng.integers(3, width + 1))
+        rows[i, :length] = rng.integers(3, 50, length)
+        rows[i, int(rng.integers(0, length))] = [50, 1, 2][labels[i]]
+    return rows, labels
+
+
+class BagOfTokens(torch.nn.Module):
+    """The mean of the unpadded tokens' embeddings, then a linear head."""
+
+    def __init__(self, vocab: int = 51, classes: int = 3) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, 16)
+        self.head = torch.nn.Linear(16, classes)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = inputs["attention_mask"].unsqueeze(-1).float()
+        pooled = (self.embed(inputs["input_ids"]) * mask).sum(1) / mask.sum(1)
+        return self.head(pooled)
+
+
+def test_token_sequences_train_through_the_same_loop(tmp_path: Path) -> None:
+    """A second kind of input needs no change to fit: padded token rows (memory-mapped),
+    cut to each batch's longest item, with an attention mask, train a text classifier."""
+    from graftline.data.modules import TokenData
+
+    rows, labels = token_rows(300, 0)
+    np.save(tmp_path / "tokens.npy", rows)
+    mapped = np.load(tmp_path / "tokens.npy", mmap_mode="r")
+    classes = ["a", "b", "c"]
+    train = TokenData([Part(mapped, labels)], classes, {"kind": "tokens"}, pad_id=0)
+    val_rows, val_labels = token_rows(60, 1)
+    val = TokenData([Part(val_rows, val_labels)], classes, {}, pad_id=0)
+    batch = train.read(np.array([0, 1, 2]))
+    ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
+    assert ids.shape[1] == int((rows[:3] != 0).sum(1).max()) and torch.equal(mask, ids != 0)
+    torch.manual_seed(0)
+    model = BagOfTokens()
+    cfg = TrainConfig(epochs=15, batch_size=32, lr=0.02, num_threads=1)
+    result = fit(model, train, val, cfg, seed=0, progress=False)
+    assert result.best_val_acc is not None and result.best_val_acc > 0.9
+    with pytest.raises(ValueError, match="train.augment: shift augment images; text inputs"):
+        train.augmented({"shift": 0.1})
