@@ -7,11 +7,18 @@ Same model (the backbone of the params file, default params.yaml), same data (th
 MNIST subset), same batch size, optimizer, precision (bf16: autocast in both) and no
 augmentation; prints images/s of each and the ratio, per precision.
 Target (issue 2): graftline no slower than the plain loop (ratio >= 1.0, within noise).
+
+``--kernels native portable`` measures each in a process of its own, the second with the
+kernels ``train.portable`` pins (``graftline.train.PORTABLE_KERNELS``), and prints what
+the pinning costs: fit's images/s portable / native.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -64,7 +71,10 @@ def main() -> None:
         "--params", type=Path, default=Path(__file__).resolve().parents[1] / "params.yaml"
     )
     ap.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32"])
+    ap.add_argument("--kernels", nargs="+", choices=["native", "portable"])
     args = ap.parse_args()
+    if args.kernels:
+        return compare_kernels(args)
     torch.set_num_threads(args.threads)
     params = load_params(args.params)
     for precision in args.precision:
@@ -110,6 +120,28 @@ def measure(params: Any, args: argparse.Namespace, precision: str) -> None:
     print(f"plain PyTorch loop: {p:8.0f} images/s")
     print(f"graftline fit:      {o:8.0f} images/s")
     print(f"ratio graftline/plain: {o / p:.2f}")
+
+
+def compare_kernels(args: argparse.Namespace) -> None:
+    """This benchmark once per kernel setting, each in a process of its own (the settings
+    act when the first kernel runs), alternating ``--repeats`` times."""
+    from graftline.train import PORTABLE_KERNELS
+
+    base = [sys.executable, __file__, "--params", str(args.params), "--epochs", str(args.epochs)]
+    base += ["--threads", str(args.threads), "--repeats", "1", "--precision", *args.precision]
+    best: dict[str, float] = {}
+    for _ in range(args.repeats):
+        for mode in args.kernels:
+            env = {k: v for k, v in os.environ.items() if k not in PORTABLE_KERNELS}
+            if mode == "portable":
+                env |= PORTABLE_KERNELS
+            out = subprocess.run(base, env=env, capture_output=True, text=True, check=True).stdout
+            got = float(re.search(r"graftline fit: +(\d+)", out).group(1))  # type: ignore[union-attr]
+            best[mode] = max(best.get(mode, 0.0), got)
+    for mode, value in best.items():
+        print(f"{mode:9s} kernels: graftline fit {value:8.0f} images/s (best of {args.repeats})")
+    if {"native", "portable"} <= best.keys():
+        print(f"ratio portable/native: {best['portable'] / best['native']:.2f}")
 
 
 if __name__ == "__main__":
