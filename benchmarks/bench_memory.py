@@ -74,7 +74,9 @@ cnn = {"arch": "cnn", "channels": [8, 16], "hidden": 32, "dropout": 0.0}
 torch.manual_seed(0)
 save_checkpoint(work / "teacher" / "model.pt", build_classifier(cnn, 1, 28, 10), model_config=cnn,
                 classes=val.classes, input_shape=(1, 28, 28))
-train = {"epochs": 1, "batch_size": 512, "lr": 0.003, "schedule": "none", "num_threads": 2}
+steps = int(sys.argv[3]) or None
+train = {"epochs": 1, "batch_size": 512, "lr": 0.003, "schedule": "none", "num_threads": 2,
+         "max_steps": steps}
 params = parse_params({"distill": {"enabled": True, "model": cnn, "train": train}})
 t0 = __import__("time").perf_counter()
 out = distill.run(params, corpus=corpus, data=work / "task", teacher=work / "teacher",
@@ -125,9 +127,9 @@ def write_store(dest: Path, n: int, seed: int = 0, chunk: int = 200_000) -> floa
     return gb
 
 
-def epoch(root: Path, mode: str, child: str = CHILD) -> dict[str, float]:
+def epoch(root: Path, mode: str, child: str = CHILD, *more: str) -> dict[str, float]:
     proc = subprocess.run(
-        [sys.executable, "-c", child, str(root), mode],
+        [sys.executable, "-c", child, str(root), mode, *more],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -146,6 +148,13 @@ def main() -> None:
     ap.add_argument("--fits", type=int, default=300_000, help="images of the corpus that fits")
     ap.add_argument("--work", type=Path, help="folder for the corpora (default: a temp folder)")
     ap.add_argument("--stages", nargs="+", choices=["fit", "distill"], default=["fit", "distill"])
+    ap.add_argument(
+        "--distill-steps",
+        type=int,
+        default=0,
+        help="stop the student after this many steps (0: the whole epoch); the resident set "
+        "peaks in the first ones, once the teacher's soft targets are held",
+    )
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="graftline-bench-memory-", dir=args.work))
     try:
@@ -162,7 +171,7 @@ def main() -> None:
         large = epoch(work / "large", "mmap") if "fit" in args.stages else None
         (work / "distill").mkdir()
         stage = (
-            epoch(work / "large", str(work / "distill"), DISTILL_CHILD)
+            epoch(work / "large", str(work / "distill"), DISTILL_CHILD, str(args.distill_steps))
             if "distill" in args.stages
             else None
         )
@@ -184,7 +193,8 @@ def main() -> None:
             f"  {large['images_per_s']:8.0f} images/s, peak RSS {large['peak_rss_gb']:.2f} GB (target < 1.5 GB)"
         )
     if stage is not None:
-        print(f"distill stage on the {gb:.2f} GB corpus (soft targets + one student epoch):")
+        what = f"{args.distill_steps} student steps" if args.distill_steps else "one student epoch"
+        print(f"distill stage on the {gb:.2f} GB corpus (soft targets + {what}):")
         print(
             f"  {stage['corpus_images']:,} corpus images in {stage['seconds'] / 60:.1f} min, "
             f"peak RSS {stage['peak_rss_gb']:.2f} GB (target < 1.5 GB)"
