@@ -672,6 +672,14 @@ def predict_proba(
     model.eval()
     dev = next(model.parameters()).device
     module = data if isinstance(data, DataModule) else ImageData.unlabelled(data)
-    parts = (module.to_device(b, dev).inputs for b in module.sequential(batch_size))
-    out = [F.softmax(model(x) / temperature, dim=1).cpu() for x in parts]
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
+    # One array filled a batch at a time: a corpus of millions of items costs its
+    # probabilities once, not a list of batches and their concatenation as well.
+    out: np.ndarray | None = None
+    done = 0
+    for batch in module.sequential(batch_size):
+        proba = F.softmax(model(module.to_device(batch, dev).inputs) / temperature, dim=1)
+        if out is None:
+            out = np.empty((len(module), proba.shape[1]), dtype=np.float32)
+        out[done : done + len(batch)] = proba.float().cpu().numpy()
+        done += len(batch)
+    return out if out is not None else np.zeros((0, 0), dtype=np.float32)
