@@ -128,3 +128,13 @@ def test_committed_lock_matches_code_and_params(tmp_path: Path) -> None:
         "the committed dvc.lock is stale against the committed code and params; run "
         "`make repro` and commit dvc.lock:\n" + "\n".join(stale)
     )
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "params").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_preset_is_valid_and_has_every_tracked_section(preset: Path) -> None:
+    """`graftline run --params PRESET` refuses a preset whose params are invalid or lack a
+    section a stage tracks; none of the shipped ones may."""
+    from graftline.config import load_params, require_tracked_sections
+
+    load_params(preset)
+    require_tracked_sections(preset, ROOT / "dvc.yaml")
