@@ -57,11 +57,10 @@ class Check:
 
 
 ENV_KEYS = ("torch", "cpu_capability", "device")
-# Rebuilt under other kernels, each tensor may differ by this share of its norm. Measured on the
-# tiny pipeline of the tests (2 epochs of pretraining, 3 of fine-tuning) between AVX2 and
-# ATEN_CPU_CAPABILITY=default: the largest relative difference was below 1e-4; float32's
-# reordered sums (1e-7 relative each) grow with every step, so a long run drifts further, but a
-# bug (a wrong seed, other data, a changed layer) moves weights by tens of per cent.
+# Rebuilt under other kernels, each tensor may differ by this share of its norm: float32 sums
+# in another order differ by ~1e-7 relative per op, and training compounds that over its steps;
+# a bug (a wrong seed, other data, a changed layer) moves weights by tens of per cent. The test
+# that rebuilds under ATEN_CPU_CAPABILITY=default prints the largest difference it finds.
 RELATIVE_TOLERANCE = 0.02
 
 
