@@ -75,7 +75,9 @@ def run_summary(result: dict[str, Any], seconds: float, temporary_server: bool =
         f"from DVC's run cache: {named(lambda s: s.get('cached', False))}; "
         f"unchanged: {named(lambda s: not s['ran'] and not s.get('cached'))}",
     ]
-    for name in ("finetuned", "student", "scratch", "svc"):
+    from graftline.evaluate import MODEL_NAMES
+
+    for name in MODEL_NAMES:
         m = result["metrics"].get(name)
         if m:
             lines.append(
@@ -307,7 +309,7 @@ def _token_set() -> bool:
 def cmd_predict(args: argparse.Namespace) -> int:
     from mlflow import MlflowClient
 
-    from graftline.serve.batch import predict_batch, read_inputs, summary
+    from graftline.serve.batch import predict_batch, read_inputs, read_texts, summary
     from graftline.serve.champion import load_version
 
     _, reg = _registry(args.params)
@@ -316,8 +318,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise GraftlineError(f"model {reg.name!r} has no champion; pass --version")
     reg.version(version)
     loaded = load_version(MlflowClient(), reg.name, str(version))
-    ids, pixels = read_inputs(args.input, loaded.input_shape, loaded.transform)
-    result = predict_batch(loaded, ids, pixels, args.out)
+    if loaded.text:
+        ids, inputs = read_texts(args.input, args.text_column)
+    else:
+        ids, inputs = read_inputs(args.input, loaded.input_shape, loaded.transform)
+    result = predict_batch(loaded, ids, inputs, args.out)
     print(f"{args.out}: {summary(result)['items']} predictions by {reg.name} v{version}")
     return 0
 
@@ -393,8 +398,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_serve)
 
-    p = command("predict", help="batch prediction: folder of images or CSV -> CSV")
-    p.add_argument("input", type=Path, help="a folder of images or a CSV of pixel columns")
+    p = command("predict", help="batch prediction: images or texts in, a CSV of answers out")
+    p.add_argument(
+        "input",
+        type=Path,
+        help="image models: a folder of images or a CSV of pixel columns; text models: a "
+        ".txt file (a text per line) or a CSV, JSONL or Parquet table",
+    )
+    p.add_argument(
+        "--text-column", default="text", help="text models: the table's text column (text)"
+    )
     p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="output CSV")
     p.add_argument("--version", help="registered version (default: the champion)")
     p.set_defaults(func=cmd_predict)

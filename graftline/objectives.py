@@ -7,7 +7,9 @@ encodes the visible ones, and a light decoder reconstructs the pixels of the hid
 loss counts the hidden patches only); ``Contrastive`` (SimCLR, Chen et al., 2020) pulls two
 augmented views of an image together and pushes the batch's other images away. Their
 validation accuracy is the k-NN accuracy of the backbone's features (what self-supervised work
-reports while pretraining), which needs labels on the validation split only.
+reports while pretraining), which needs labels on the validation split only. For text,
+``CausalLM`` (GPT: the next token) and ``MaskedLM`` (BERT: 15 % of the tokens, hidden) are
+the same kind of objective, and report the validation perplexity too.
 """
 
 from __future__ import annotations
@@ -191,6 +193,16 @@ class SelfSupervised(nn.Module):
     ) -> tuple[torch.Tensor, None]:
         return self.batch_loss(model, batch.inputs, generator), None
 
+    def summed_loss(
+        self, model: nn.Module, x: Any, generator: torch.Generator, items: int
+    ) -> tuple[float, float]:
+        """A validation batch's loss summed over what it averages (its items), and how many."""
+        return self.batch_loss(model, x, generator).item() * items, float(items)
+
+    def figures(self, val_loss: float) -> dict[str, float]:
+        """More validation figures from the validation loss (a language model's perplexity)."""
+        return {}
+
     @torch.no_grad()
     def validate(
         self,
@@ -209,12 +221,12 @@ class SelfSupervised(nn.Module):
         self.eval()
         gen = torch.Generator().manual_seed(0)
         dev = next(model.parameters()).device
-        loss = 0.0
+        loss, weight = 0.0, 0.0
         for batch in val.sequential(512):
-            x = val.to_device(batch, dev).inputs
-            loss += self.batch_loss(model, x, gen).item() * len(x)
+            total, n = self.summed_loss(model, val.to_device(batch, dev).inputs, gen, len(batch))
+            loss, weight = loss + total, weight + n
         query = query if query is not None else val
-        return loss / len(val), knn_accuracy(
+        return loss / max(weight, 1.0), knn_accuracy(
             features(model.backbone, bank),
             torch.from_numpy(bank.labels),
             features(model.backbone, query),
@@ -325,6 +337,99 @@ class Contrastive(SelfSupervised):
         return nt_xent(z, self.temperature)
 
 
+class LanguageModel(SelfSupervised):
+    """What the two language-modelling objectives share: token logits from the backbone's
+    token states through the input embedding (tied weights, as GPT and BERT do) plus a bias,
+    cross-entropy on the tokens to predict, and per-token validation loss whose exponential
+    is the perplexity."""
+
+    def __init__(self, vocab_size: int, knn_k: int = 20) -> None:
+        super().__init__()
+        self.knn_k = knn_k
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def token_loss(
+        self, backbone: nn.Module, inputs: dict[str, torch.Tensor], target: torch.Tensor
+    ) -> tuple[torch.Tensor, int]:
+        """Mean cross-entropy over the positions whose ``target`` is not -100, and their count."""
+        states = backbone.hidden(inputs)
+        logits = F.linear(states, backbone.token_embeddings().weight, self.bias)
+        count = int((target != -100).sum())
+        if not count:
+            return logits.sum() * 0.0, 0
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100)
+        return loss, count
+
+    def targets(
+        self, inputs: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The model's input and the token to predict at each position (-100: none)."""
+        raise NotImplementedError
+
+    def batch_loss(self, model: nn.Module, x: Any, generator: torch.Generator) -> torch.Tensor:
+        inputs, target = self.targets(x, generator)
+        return self.token_loss(model.backbone, inputs, target)[0]
+
+    def summed_loss(
+        self, model: nn.Module, x: Any, generator: torch.Generator, items: int
+    ) -> tuple[float, float]:
+        inputs, target = self.targets(x, generator)
+        loss, count = self.token_loss(model.backbone, inputs, target)
+        return loss.item() * count, float(count)
+
+    def figures(self, val_loss: float) -> dict[str, float]:
+        return {"val_perplexity": float(np.exp(min(val_loss, 50.0)))}
+
+
+class CausalLM(LanguageModel):
+    """Next-token prediction (GPT) on a decoder: each real token predicts the one after it."""
+
+    def targets(
+        self, inputs: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        target = torch.full_like(ids, -100)
+        target[:, :-1] = ids[:, 1:].masked_fill(~mask[:, 1:].bool(), -100)
+        return inputs, target
+
+
+class MaskedLM(LanguageModel):
+    """Masked-token prediction (BERT) on an encoder: ``mask_rate`` of the real tokens (not
+    ``<s>``, ``</s>``) are chosen; of them 80 % become ``<mask>``, 10 % a random token, 10 %
+    stay as they are; the loss is on the chosen ones only."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        mask_id: int,
+        special_ids: list[int],
+        mask_rate: float = 0.15,
+        knn_k: int = 20,
+    ) -> None:
+        super().__init__(vocab_size, knn_k)
+        self.mask_id, self.mask_rate, self.vocab_size = mask_id, mask_rate, vocab_size
+        self.special_ids = sorted(special_ids)
+        self.first_plain = max(self.special_ids) + 1  # random replacements avoid specials
+
+    def targets(
+        self, inputs: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+        specials = torch.tensor(self.special_ids, device=ids.device)
+        eligible = mask & ~torch.isin(ids, specials)
+        draw = torch.rand(ids.shape, generator=generator).to(ids.device)
+        chosen = eligible & (draw < self.mask_rate)
+        # 80 / 10 / 10 of the chosen, from a second draw
+        how = torch.rand(ids.shape, generator=generator).to(ids.device)
+        randoms = torch.randint(
+            self.first_plain, self.vocab_size, ids.shape, generator=generator
+        ).to(ids.device)
+        corrupted = torch.where(chosen & (how < 0.8), torch.full_like(ids, self.mask_id), ids)
+        corrupted = torch.where(chosen & (how >= 0.8) & (how < 0.9), randoms, corrupted)
+        target = ids.masked_fill(~chosen, -100)
+        return {**inputs, "input_ids": corrupted}, target
+
+
 def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
     """NT-Xent over ``2B`` normalised projections, view ``i`` and ``i + B`` being twins."""
     n = len(z) // 2
@@ -366,5 +471,5 @@ def knn_accuracy(
 
 
 Objective = (
-    Supervised | MaskedAutoencoder | Contrastive | Distillation | Consistency
+    Supervised | MaskedAutoencoder | Contrastive | CausalLM | MaskedLM | Distillation | Consistency
 )  # what graftline.train.fit takes

@@ -115,12 +115,14 @@ def gate(
     return GateDecision(True, f"better than the champion: {vs}, McNemar p={p:.3g}", **common)
 
 
-def score_model(model_uri: str, images: np.ndarray, truth: list[str]) -> np.ndarray:
-    """Load a model through MLflow (as serving will) and mark each item right or wrong."""
+def score_model(model_uri: str, images: Any, truth: list[str]) -> np.ndarray:
+    """Load a model through MLflow (as serving will) and mark each item right or wrong:
+    pixels, or a table of texts for a text model."""
     import mlflow
 
     model = mlflow.pyfunc.load_model(model_uri)
-    pred = model.predict(np.asarray(images, dtype=np.float32))
+    is_table = hasattr(images, "columns")
+    pred = model.predict(images if is_table else np.asarray(images, dtype=np.float32))
     return np.asarray(pred["class"].astype(str).to_numpy() == np.asarray(truth), dtype=bool)
 
 
@@ -145,7 +147,7 @@ class Challenge:
 
 
 def challenge(
-    name: str, model_uri: str, champion_version: str | None, images: np.ndarray, truth: list[str]
+    name: str, model_uri: str, champion_version: str | None, images: Any, truth: list[str]
 ) -> Challenge:
     """Score ``model_uri`` and, if there is one, the champion version of model ``name`` on
     the same items, each loaded through MLflow as serving will load it. ``deploy`` and
@@ -154,13 +156,17 @@ def challenge(
     Raises:
         RegistryError: the champion cannot be scored on these items (another input shape).
     """
-    images = np.asarray(images, dtype=np.float32)
+    if not hasattr(images, "columns"):
+        images = np.asarray(images, dtype=np.float32)
     challenger = score_model(model_uri, images, truth)
     champion = None
     if champion_version is not None:
+        from mlflow.exceptions import MlflowException
+
         try:
             champion = score_model(f"models:/{name}/{champion_version}", images, truth)
-        except ValueError as err:  # another input geometry: not comparable on this test set
+        # another input geometry, or texts for an image model: not comparable on this test set
+        except (ValueError, MlflowException) as err:
             raise RegistryError(
                 f"champion v{champion_version} cannot be scored on the current test split "
                 f"({err}); promote by hand with `graftline promote VERSION --force`"

@@ -470,6 +470,7 @@ def fit(
         if held is not None:
             vloss, vacc = _validate(objective, judged, held, monitor, rank, world)
             record.update({"val_loss": vloss, objective.val_acc_name: vacc})
+            record.update(getattr(objective, "figures", lambda _: {})(vloss))
             state.stopping.judge(epoch, vloss, vacc, judged)
         state.history.append(record)
         state.epoch = epoch

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 import graftline
 from graftline import layout as paths
@@ -75,7 +76,7 @@ def model_tag(params: Params) -> str:
     )
 
 
-def log_model(checkpoint: Path, example: np.ndarray) -> Any:
+def log_model(checkpoint: Path, example: Any) -> Any:
     """Log a checkpoint as an MLflow pyfunc model (models from code; no pickle on load)."""
     import mlflow
     from mlflow.models import infer_signature
@@ -84,7 +85,8 @@ def log_model(checkpoint: Path, example: np.ndarray) -> Any:
     from graftline.serve.predict import predict_frame
 
     model, ckpt = load_checkpoint(checkpoint)
-    signature = infer_signature(example, predict_frame(model, ckpt["classes"], example))
+    answer = predict_frame(model, ckpt["classes"], example, transform=input_transform(ckpt))
+    signature = infer_signature(example, answer)
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=str(MODEL_CODE),
@@ -105,9 +107,11 @@ FIGURES_HEADER = ["model", "accuracy", "macro-F1", "ECE"]
 def figure_rows(metrics: dict[str, Any], decision: GateDecision) -> list[list[str]]:
     """The test figures of every model, and the champion's accuracy re-scored on the same
     items: the rows of the report's, the card's and the HTML page's table."""
+    from graftline.evaluate import MODEL_NAMES
+
     rows = [
         [m, *(f"{metrics[m][k]:.4f}" for k in ("accuracy", "macro_f1", "ece"))]
-        for m in ("finetuned", "student", "scratch", "svc")
+        for m in MODEL_NAMES
         if m in metrics
     ]
     if decision.champion_accuracy is not None:
@@ -262,6 +266,7 @@ def model_card(
     it learnt from, its test figures against the baselines and the champion, the gate's
     decision, and how to rebuild it."""
     from graftline.data.store import read_manifest
+    from graftline.data.text import describe_text_transform
     from graftline.data.transforms import describe_transform
     from graftline.models.checkpoint import input_transform, load_checkpoint
 
@@ -284,6 +289,8 @@ def model_card(
         + {
             "mae": "without labels (masked autoencoding) ",
             "contrastive": "without labels (contrastive, SimCLR) ",
+            "causal_lm": "without labels (language modelling: the next token) ",
+            "mlm": "without labels (masked language modelling: 15 % of the tokens) ",
         }.get(params.pretrain.objective, "with labels (supervised) ")
         + f"for {params.pretrain.train.epochs} epochs, then a new head grafted on and "
         f"fine-tuned with strategy `{ft.strategy}` for {ft.train.epochs} epochs"
@@ -294,7 +301,11 @@ def model_card(
             if name == "student"
             else "."
         ),
-        f"Input: {shape} images; transform `{tf['fit']}`: {describe_transform(tf)}"
+        (
+            f"Input: texts; {describe_text_transform(tf)}. "
+            if tf.get("kind") == "text"
+            else f"Input: {shape} images; transform `{tf['fit']}`: {describe_transform(tf)}"
+        )
         + (
             f", then normalised by the backbone, mean {norm['mean']} and std {norm['std']} per "
             "channel. "
@@ -399,7 +410,11 @@ def package(params: Params, root: Path = Path(".")) -> Packaged:
         raise ArtifactError(f"{checkpoint}: no {name} model (run the pipeline first)")
     test = load_split(root / paths.TASK_DATA, "test")
     truth = [test.classes[i] for i in test.labels]
-    images = test.images.astype(np.float32)
+    images: Any = test.images.astype(np.float32)
+    if test.transform.get("kind") == "text":  # scored as served: the texts, tokenized there
+        if test.texts is None:
+            raise ArtifactError(f"{root / paths.TASK_DATA}: the test split keeps no texts")
+        images = pd.DataFrame({"text": test.texts})
     run_id = mlflow.active_run().info.run_id
     info = log_model(checkpoint, images[:1])
     # Score what was logged, loaded back through MLflow: this is what will serve, and a

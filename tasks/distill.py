@@ -25,12 +25,15 @@ from graftline import distributed
 from graftline import layout as paths
 from graftline.config import Params
 from graftline.data.dataset import Dataset
-from graftline.data.modules import ImageData, Part
+from graftline.data.modules import DataModule, Part, data_module, module_of
 from graftline.data.store import load_split, read_manifest
+from graftline.data.text import is_text_data
 from graftline.errors import ArtifactError
 from graftline.io import file_sha256, write_json, write_text
 from graftline.models import build_classifier, save_checkpoint
 from graftline.models.checkpoint import load_checkpoint
+from graftline.models.classifier import input_dims
+from graftline.models.text import text_model_config
 from graftline.objectives import Consistency, Distillation, features
 from graftline.propagation import propagate_labels, reduce_features
 from graftline.train import FitResult, fit, predict_proba
@@ -69,8 +72,8 @@ def run(
     shape = tuple(train.images.shape[1:])
     if tuple(pool.images.shape[1:]) != shape:
         raise ArtifactError(
-            f"{corpus}: corpus images are {tuple(pool.images.shape[1:])}, the task's {shape}; "
-            "the teacher can only label images of its own input shape"
+            f"{corpus}: corpus items are {tuple(pool.images.shape[1:])}, the task's {shape}; "
+            "the teacher can only label inputs of its own shape"
         )
     rows = np.arange(len(pool))
     if d.corpus_limit and d.corpus_limit < len(pool):
@@ -78,9 +81,11 @@ def run(
             np.random.default_rng(d.seed).choice(len(pool), d.corpus_limit, replace=False)
         )
     corpus_part = Part(pool.images, np.full(len(rows), -1, np.int64), index=rows)
-    corpus_items = ImageData([corpus_part], train.classes, train.transform)
+    corpus_items = module_of([corpus_part], train)
     soft = predict_proba(teacher_model, corpus_items, temperature=d.temperature)
-    teacher_val = float(np.mean(predict_proba(teacher_model, val.images).argmax(1) == val.labels))
+    teacher_val = float(
+        np.mean(predict_proba(teacher_model, data_module(val)).argmax(1) == val.labels)
+    )
     log.info(
         "distill: the teacher labelled %d corpus images (T=%g); its val accuracy %.4f",
         len(rows),
@@ -88,16 +93,14 @@ def run(
         teacher_val,
     )
     # The corpus with the teacher's soft targets, then the labelled items with their labels.
-    items = ImageData(
-        [replace(corpus_part, soft=soft), Part(train.images, train.labels)],
-        train.classes,
-        train.transform,
-    )
+    items = module_of([replace(corpus_part, soft=soft), Part(train.images, train.labels)], train)
     objective = Distillation(temperature=d.temperature, hard_weight=d.hard_weight)
     model_cfg = d.model.model_dump() if d.model is not None else dict(tck["model_config"])
+    if d.model is not None and is_text_data(train):
+        model_cfg = text_model_config(model_cfg, train.transform)
     torch.manual_seed(d.seed)
     try:
-        student = build_classifier(model_cfg, shape[0], shape[1], len(train.classes))
+        student = build_classifier(model_cfg, *input_dims(shape), len(train.classes))
     except ValueError as err:
         raise ArtifactError(f"distill.model: {err}") from None
     backbone = getattr(student, "backbone", student)
@@ -182,7 +185,7 @@ def run(
     write_history(reports / "history.csv", history)
     write_json(reports / "metrics.json", metrics)
     shutil.rmtree(resume.parent, ignore_errors=True)
-    log.info("distill: student %s (%.0f images/s)", metrics, result.images_per_s)
+    log.info("distill: student %s (%.0f items/s)", metrics, result.items_per_s)
     return {
         "metrics": metrics,
         "history": {"student": history},
@@ -190,7 +193,7 @@ def run(
     }
 
 
-def _beside_labels(corpus: Part, labels: np.ndarray, train: Dataset, share: float) -> ImageData:
+def _beside_labels(corpus: Part, labels: np.ndarray, train: Dataset, share: float) -> DataModule:
     """The corpus with ``labels`` (``-1``: unlabelled) beside the labelled set, repeated to
     make ``share`` of the items, so that each batch holds some; neither is copied."""
     repeat = max(1, math.ceil(share / (1 - share) * len(corpus) / len(train)))
@@ -198,7 +201,7 @@ def _beside_labels(corpus: Part, labels: np.ndarray, train: Dataset, share: floa
         replace(corpus, labels=labels.astype(np.int64)),
         Part(train.images, train.labels, repeat=repeat),
     ]
-    return ImageData(parts, train.classes, train.transform)
+    return module_of(parts, train)
 
 
 def _consistency(
@@ -268,13 +271,13 @@ def _propagate_round(
     student's features of the corpus and the labelled set, and the student trains on the
     class that reaches each corpus image (where none does, on its own prediction)."""
     d, p = params.distill, params.distill.propagate
-    both = ImageData([pool, Part(train.images, train.labels)], train.classes, train.transform)
+    both = module_of([pool, Part(train.images, train.labels)], train)
     backbone = getattr(student, "backbone", student)
     feats = features(backbone, both, spatial=p.features == "spatial").cpu().numpy()
     feats = reduce_features(feats, p.pca, d.seed)
     seeds = np.concatenate([np.full(len(pool), -1), train.labels])
     dist = propagate_labels(feats, seeds, len(train.classes), p.neighbours, p.alpha)[: len(pool)]
-    own = predict_proba(student, ImageData([pool], train.classes, train.transform)).argmax(1)
+    own = predict_proba(student, module_of([pool], train)).argmax(1)
     reached = dist.sum(1) > 0
     labels = np.where(reached, dist.argmax(1), own)
     summary = {"changed": float(np.mean(labels != own)), "unreached": float(np.mean(~reached))}

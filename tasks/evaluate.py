@@ -1,5 +1,6 @@
 """Stage ``evaluate``: score the fine-tuned model (the teacher), the distilled student when
-distillation is on, the scratch baseline and an SVC on the test split, side by side."""
+distillation is on, the scratch baseline and a classic baseline (an SVC on pixels; for text,
+TF-IDF + logistic regression) on the test split, side by side."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import pandas as pd
 
 from graftline import layout as paths
 from graftline.config import Params
+from graftline.data.modules import data_module
 from graftline.data.store import load_split
+from graftline.data.text import is_text_data
 from graftline.errors import ArtifactError
 from graftline.evaluate import (
     classification_metrics,
@@ -22,6 +25,8 @@ from graftline.evaluate import (
     plot_reliability,
     svc_baseline,
     svc_proba,
+    tfidf_baseline,
+    tfidf_proba,
 )
 from graftline.io import write_json, write_text
 from graftline.models.checkpoint import load_checkpoint
@@ -41,7 +46,8 @@ def run(
     metrics_path: Path = paths.METRICS,
     report: Path = paths.EVALUATE_REPORT,
 ) -> dict[str, Any]:
-    """Score the fine-tuned model, the scratch baseline and an SVC on the task test split."""
+    """Score the fine-tuned model, the scratch baseline and a classic baseline (SVC, or
+    TF-IDF + logistic regression for text) on the task test split."""
     p = params.evaluate
     models = models or MODELS
     histories = histories or {
@@ -61,9 +67,13 @@ def run(
                 f"{root / paths.MODEL_FILE}: classes {ckpt['classes']} differ from the test "
                 f"split's {test.classes}"
             )
-        probas[name] = predict_proba(model, test.images)
-    svc = svc_baseline(train, C=p.svc.C, gamma=p.svc.gamma)
-    probas["svc"] = svc_proba(svc, test, len(test.classes))
+        probas[name] = predict_proba(model, data_module(test))
+    if is_text_data(test):
+        tfidf = tfidf_baseline(train, C=p.tfidf.C, ngrams=p.tfidf.ngrams)
+        probas["tfidf_lr"] = tfidf_proba(tfidf, test, len(test.classes))
+    else:
+        svc = svc_baseline(train, C=p.svc.C, gamma=p.svc.gamma)
+        probas["svc"] = svc_proba(svc, test, len(test.classes))
 
     metrics: dict[str, Any] = {
         name: classification_metrics(test.labels, pr, test.classes, p.ece_bins)

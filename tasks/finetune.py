@@ -21,6 +21,7 @@ from graftline.errors import ArtifactError
 from graftline.io import file_sha256, write_json
 from graftline.models import Classifier, build_classifier, save_checkpoint
 from graftline.models.checkpoint import load_checkpoint
+from graftline.models.classifier import input_dims
 from graftline.models.lora import add_adapters, merge_adapters
 from graftline.train import ParamGroup, fit
 from tasks._stage import stage_main
@@ -32,6 +33,10 @@ log = logging.getLogger("graftline.finetune")
 def graft(pretrained: Classifier, num_classes: int) -> Classifier:
     """The pretrained backbone with a fresh head for ``num_classes`` classes."""
     return Classifier(pretrained.backbone, num_classes)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
 
 
 def strategy_groups(model: Classifier, p: FinetuneParams) -> list[ParamGroup]:
@@ -50,8 +55,8 @@ def strategy_groups(model: Classifier, p: FinetuneParams) -> list[ParamGroup]:
         except ValueError as err:
             raise ArtifactError(f"finetune.strategy lora: {err}") from None
         parts: list[nn.Module] = [layer.adapter for layer in layers]
-        if cfg.train_norms:
-            parts += [m for m in model.backbone.modules() if isinstance(m, nn.LayerNorm)]
+        if cfg.train_norms:  # LayerNorms, and the RMSNorms of a Llama-style decoder
+            parts += [m for m in model.backbone.modules() if _is_norm(m)]
         return [ParamGroup("adapters", nn.ModuleList(parts)), head]
     if p.strategy == "linear_probe":
         return [ParamGroup("backbone", model.backbone, frozen_epochs=math.inf), head]
@@ -61,8 +66,8 @@ def strategy_groups(model: Classifier, p: FinetuneParams) -> list[ParamGroup]:
     layers = getattr(model.backbone, "layers", None)
     if layers is None:
         raise ArtifactError(
-            "finetune.layer_decay needs a backbone made of layers (arch vit); the pretrained "
-            f"backbone is {type(model.backbone).__name__}"
+            "finetune.layer_decay needs a backbone made of layers (arch vit, llama or bert); "
+            f"the pretrained backbone is {type(model.backbone).__name__}"
         )
     stack = layers()
     return [
@@ -108,8 +113,17 @@ def run(
     base, ckpt = load_checkpoint(pretrained / paths.MODEL_FILE)
     if tuple(ckpt["input_shape"]) != shape:
         raise ArtifactError(
-            f"{pretrained / paths.MODEL_FILE} expects images of shape {tuple(ckpt['input_shape'])}, "
-            f"the task data in {data} has {shape}; set preprocess.image_size/channels to match"
+            f"{pretrained / paths.MODEL_FILE} expects inputs of shape {tuple(ckpt['input_shape'])}, "
+            f"the task data in {data} has {shape}; set preprocess.image_size/channels (images) "
+            "or preprocess.tokenizer.max_len (text) to match"
+        )
+    tokenizer = ckpt.get("transform", {}).get("tokenizer_sha256")
+    if tokenizer != train.transform.get("tokenizer_sha256"):
+        raise ArtifactError(
+            f"{pretrained / paths.MODEL_FILE} was pretrained on another tokenizer's ids "
+            f"({str(tokenizer)[:12]}) than the task data in {data} "
+            f"({str(train.transform.get('tokenizer_sha256'))[:12]}); run preprocess and "
+            "pretrain again (dvc repro)"
         )
     model_cfg = ckpt["model_config"]
     # A resume must continue on the same backbone: its weights' hash is part of the run's id.
@@ -123,7 +137,7 @@ def run(
             groups = strategy_groups(model, p)
             cfg = p.train
         else:
-            model = build_classifier(model_cfg, shape[0], shape[1], len(train.classes))
+            model = build_classifier(model_cfg, *input_dims(shape), len(train.classes))
             groups = None
             cfg = p.scratch or p.train
         resume = checkpoints / "finetune" / name / "last.pt"
@@ -167,7 +181,7 @@ def run(
         )
         write_history(reports / f"{name}_history.csv", result.history)
         shutil.rmtree(resume.parent, ignore_errors=True)
-        log.info("%s: %s (%.0f images/s)", name, metrics, result.images_per_s)
+        log.info("%s: %s (%.0f items/s)", name, metrics, result.items_per_s)
         results[name] = {"metrics": metrics, "history": result.history}
     if not distributed.is_main():
         return {}

@@ -13,6 +13,7 @@ from graftline.data.dataset import Dataset
 from graftline.data.sources import load_source
 from graftline.data.splits import label_budget, stratified_split
 from graftline.data.store import save_splits
+from graftline.data.text import PAD, encode, token_spec, tokenize_dataset, train_tokenizer
 from graftline.data.validate import restrict_classes, validate
 from tasks._stage import stage_main
 
@@ -72,7 +73,10 @@ def prepare(p: PreprocessParams) -> tuple[dict[str, Dataset], dict[str, Dataset]
         )
     full_train = len(splits["train"])
     splits["train"] = label_budget(splits["train"], t.labels_per_class, p.seed)
-    info = {"labels_per_class": t.labels_per_class, "train_before_budget": full_train}
+    info: dict[str, Any] = {
+        "labels_per_class": t.labels_per_class,
+        "train_before_budget": full_train,
+    }
     if not pre.labelled:
         # The k-NN monitor of pretraining needs labels: a corpus without them is monitored
         # on the task's labelled train (the bank, within the label budget) and val splits,
@@ -80,7 +84,38 @@ def prepare(p: PreprocessParams) -> tuple[dict[str, Dataset], dict[str, Dataset]
         log.info("pretrain: the corpus has no labels; its k-NN monitor uses the task's splits")
         pre_splits[paths.PROBE_BANK] = splits["train"]
         pre_splits[paths.PROBE_QUERY] = splits["val"]
+    if p.text:
+        info["tokenizer"] = tokenize(p, {"pretrain": pre_splits, "task": splits})
     return pre_splits, splits, info
+
+
+def tokenize(p: PreprocessParams, groups: dict[str, dict[str, Dataset]]) -> dict[str, Any]:
+    """Train the tokenizer on the corpus's training split (``groups["pretrain"]["train"]``)
+    and turn every split's texts into token ids, in place; returns what the manifests
+    record."""
+    corpus = groups["pretrain"]["train"]
+    tok = train_tokenizer(corpus.images, p.tokenizer)
+    ids, _ = encode(tok, corpus.images, p.tokenizer.max_len, tok.token_to_id(PAD))
+    spec = token_spec(tok, p.tokenizer, int((ids != tok.token_to_id(PAD)).sum()))
+    truncated = {}
+    for group_name, group in groups.items():
+        for name, ds in group.items():
+            group[name], truncated[f"{group_name}.{name}"] = tokenize_dataset(ds, tok, spec)
+    log.info(
+        "tokenizer: byte-level BPE, %d tokens, trained on %d texts (%d tokens); texts over "
+        "max_len %d, truncated: %s",
+        spec["vocab_size"],
+        len(corpus),
+        spec["corpus_tokens"],
+        p.tokenizer.max_len,
+        ", ".join(f"{k}={v}" for k, v in truncated.items()),
+    )
+    return {
+        "vocab_size": spec["vocab_size"],
+        "corpus_tokens": spec["corpus_tokens"],
+        "sha256": spec["tokenizer_sha256"],
+        "truncated": truncated,
+    }
 
 
 def run(params: Params, out: Path = paths.PROCESSED) -> dict[str, Any]:
@@ -89,14 +124,17 @@ def run(params: Params, out: Path = paths.PROCESSED) -> dict[str, Any]:
     pre_splits, task_splits, info = prepare(p)
     # Each manifest records its dataset's input transform (graftline.data.transforms), which
     # the models trained on it carry on to serving.
-    common = {"seed": p.seed}
+    common: dict[str, Any] = {"seed": p.seed}
+    if "tokenizer" in info:
+        common["tokenizer"] = info["tokenizer"]
     m_pre = save_splits(out / "pretrain", pre_splits, {**common, "params": p.pretrain.model_dump()})
     m_task = save_splits(
-        out / "task", task_splits, {**common, **info, "params": p.task.model_dump()}
+        out / "task", task_splits, {**common, **info, "params": p.task.model_dump()}, texts=True
     )
     for name, m in (("pretrain", m_pre), ("task", m_task)):
         counts = ", ".join(f"{s}={v['count']}" for s, v in m["splits"].items())
-        log.info("%s: %s (%s classes, shape %s)", name, counts, len(m["classes"]), m["shape"])
+        what = "tokens" if p.text else "shape"
+        log.info("%s: %s (%s classes, %s %s)", name, counts, len(m["classes"]), what, m["shape"])
     return {
         "metrics": {
             f"{name}.{split}_count": v["count"]

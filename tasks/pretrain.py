@@ -14,11 +14,15 @@ import torch
 from graftline import distributed
 from graftline import layout as paths
 from graftline.config import Params
+from graftline.data.modules import data_module
 from graftline.data.store import load_split, read_manifest
+from graftline.data.text import is_text_data
 from graftline.errors import DataError
 from graftline.io import write_json
 from graftline.models import build_classifier, save_checkpoint
-from graftline.objectives import Contrastive, MaskedAutoencoder
+from graftline.models.classifier import input_dims
+from graftline.models.text import text_model_config
+from graftline.objectives import CausalLM, Contrastive, MaskedAutoencoder, MaskedLM
 from graftline.train import fit, predict_proba
 from tasks._stage import stage_main
 from tasks._training import record_environment, run_identity, write_history
@@ -46,12 +50,28 @@ def run(
                 f"({train.source}) has none; use objective mae (arch vit) or contrastive"
             )
         probe = (load_split(data, paths.PROBE_BANK), load_split(data, paths.PROBE_QUERY))
-    c, h, _ = train.images.shape[1:]
+    shape = tuple(int(n) for n in train.images.shape[1:])  # (C, H, W), or (max_len,)
+    c, h = input_dims(shape)
     model_cfg = p.model.model_dump()
+    if is_text_data(train):  # the vocabulary, length and special ids: the tokenizer's
+        model_cfg = text_model_config(model_cfg, train.transform)
     torch.manual_seed(p.seed)  # the initial weights are part of the run's seed
     model = build_classifier(model_cfg, c, h, len(train.classes))
-    objective: MaskedAutoencoder | Contrastive | None = None
-    if p.objective == "mae":
+    objective: MaskedAutoencoder | Contrastive | CausalLM | MaskedLM | None = None
+    if p.objective in ("causal_lm", "mlm") and not is_text_data(train):
+        raise DataError(f"pretrain.objective {p.objective} needs text; the corpus is images")
+    if p.objective == "causal_lm":
+        objective = CausalLM(model_cfg["vocab_size"], knn_k=p.lm.knn_k)
+    elif p.objective == "mlm":
+        t = train.transform
+        objective = MaskedLM(
+            model_cfg["vocab_size"],
+            mask_id=t["mask_id"],
+            special_ids=[t["pad_id"], t["bos_id"], t["eos_id"], t["mask_id"]],
+            mask_rate=p.lm.mask_rate,
+            knn_k=p.lm.knn_k,
+        )
+    elif p.objective == "mae":
         objective = MaskedAutoencoder(model.backbone, c, **p.mae.model_dump())
     elif p.objective == "contrastive":
         cc = p.contrastive
@@ -84,11 +104,14 @@ def run(
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
     }
+    best = result.history[result.best_epoch - 1] if result.history else {}
+    if "val_perplexity" in best:  # a language model's, at the epoch kept
+        metrics["val_perplexity"] = best["val_perplexity"]
     if not distributed.is_main():  # under torchrun, rank 0 alone evaluates and writes
         return {}
     if "test" in manifest["splits"] and objective is None:  # an MAE's head never trained
         test = load_split(data, "test")
-        pred = predict_proba(model, test.images).argmax(1)
+        pred = predict_proba(model, data_module(test)).argmax(1)
         metrics["test_acc"] = float(np.mean(pred == test.labels))
     record_environment(checkpoints, "pretrained", p.train.device)
     save_checkpoint(
@@ -96,7 +119,7 @@ def run(
         model,
         model_config=model_cfg,
         classes=train.classes,
-        input_shape=(c, h, h),
+        input_shape=shape,
         transform=train.transform,
         extra={
             "stage": "pretrain",
@@ -108,7 +131,7 @@ def run(
     write_history(reports / "history.csv", result.history)
     write_json(reports / "metrics.json", metrics)
     shutil.rmtree(resume.parent, ignore_errors=True)
-    log.info("pretrain: %s (%.0f images/s)", metrics, result.images_per_s)
+    log.info("pretrain: %s (%.0f items/s)", metrics, result.items_per_s)
     return {
         "metrics": {**metrics, "images_per_s": result.images_per_s},
         "history": {"": result.history},

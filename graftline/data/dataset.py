@@ -48,7 +48,8 @@ class NumberedIds(Sequence[str]):
 
 @dataclass
 class Dataset:
-    """Images as uint8 ``(N, C, H, W)``, labels as indices into ``classes``.
+    """Images as uint8 ``(N, C, H, W)`` (or, for text, the texts or their token ids: see
+    ``graftline.data.text``), labels as indices into ``classes``.
 
     An unlabelled corpus has no classes and every label is -1 (:func:`unlabelled`).
 
@@ -63,6 +64,9 @@ class Dataset:
     source: str
     ids: Sequence[str] = field(default_factory=list)
     transform: dict[str, Any] = field(default_factory=dict)
+    # Text only: the texts behind token ids (the task's splits keep them, for the TF-IDF
+    # baseline's peers, predictions and the gate's scoring through the served path).
+    texts: list[str] | None = None
 
     def __post_init__(self) -> None:
         if not len(self.ids):
@@ -84,6 +88,7 @@ class Dataset:
             source=self.source,
             ids=[self.ids[i] for i in index],
             transform=dict(self.transform),
+            texts=None if self.texts is None else [self.texts[i] for i in index],
         )
 
     def class_counts(self) -> dict[str, int]:
@@ -106,5 +111,11 @@ class Dataset:
 def unlabelled(ds: Dataset) -> Dataset:
     """The same images without their labels."""
     return Dataset(
-        ds.images, np.full(len(ds.images), -1, dtype=np.int64), [], ds.source, ds.ids, ds.transform
+        ds.images,
+        np.full(len(ds.images), -1, dtype=np.int64),
+        [],
+        ds.source,
+        ds.ids,
+        ds.transform,
+        ds.texts,
     )

@@ -281,6 +281,11 @@ class TokenData(DataModule):
         super().__init__(parts, classes, transform)
         self.pad_id = pad_id
 
+    @classmethod
+    def of(cls, ds: Dataset) -> TokenData:
+        """A tokenized dataset (its transform names the pad id) as one part."""
+        return cls([Part(ds.images, ds.labels)], ds.classes, ds.transform, int(ds.transform["pad_id"]))
+
     def collate(self, rows: list[np.ndarray], order: np.ndarray) -> torch.Tensor:
         ids = rows[0] if len(rows) == 1 else np.concatenate(rows)[order]
         used = np.flatnonzero((ids != self.pad_id).any(axis=0))
@@ -306,9 +311,20 @@ class TokenData(DataModule):
         return TokenData([Part(padded, batch.target.numpy())], self.classes, self.transform, self.pad_id)
 
 
+def module_of(parts: Sequence[Part], like: Dataset) -> DataModule:
+    """``parts`` as a module of ``like``'s kind, classes and transform (token ids for a text
+    transform, images otherwise): a corpus beside a labelled set, with soft targets."""
+    if like.transform.get("kind") == "text":
+        return TokenData(parts, like.classes, like.transform, int(like.transform["pad_id"]))
+    return ImageData(parts, like.classes, like.transform)
+
+
 def data_module(data: Dataset | DataModule, augment: dict[str, Any] | None = None) -> DataModule:
-    """``data`` as the loop's data module: a :class:`Dataset` of images becomes
-    :class:`ImageData` (augmented as ``augment`` says); a module is taken as it is."""
+    """``data`` as the loop's data module: a :class:`Dataset` of token ids (transform kind
+    ``text``) becomes :class:`TokenData`, one of images :class:`ImageData` (augmented as
+    ``augment`` says); a module is taken as it is."""
     if isinstance(data, DataModule):
         return data
+    if data.transform.get("kind") == "text":
+        return TokenData.of(data)
     return ImageData.of(data, augment)

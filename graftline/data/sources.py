@@ -1,4 +1,5 @@
-"""Data sources: packaged corpora, MNIST-format IDX files, image folders and CSV tables.
+"""Data sources: packaged corpora, MNIST-format IDX files, image folders and CSV tables
+(text sources are in ``graftline.data.text``).
 
 Each loader returns a :class:`Dataset` of uint8 ``(N, C, H, W)`` images in the configured
 geometry, or raises :class:`DataError` naming the file, row or item that is wrong.
@@ -23,6 +24,7 @@ from graftline.config import (
     MlxtendMnistSource,
     SklearnDigitsSource,
     Source,
+    is_text,
 )
 from graftline.data.dataset import Dataset, unlabelled
 from graftline.data.transforms import apply_transform, geometry, image_array
@@ -319,7 +321,12 @@ def _pixel_values(
 def load_source(src: Source, size: int = 28, channels: int = 1) -> tuple[Dataset, Dataset | None]:
     """Load any configured source at ``size`` and ``channels`` (brought there as the source's
     ``fit`` says; each dataset records it); returns the dataset and an official test set, if
-    any. A source with ``labels: ignore`` gives its images only, and no test set."""
+    any. A source with ``labels: ignore`` gives its images only, and no test set. A text
+    source gives its texts (``graftline.data.text``); preprocess tokenizes them."""
+    if is_text(src):
+        from graftline.data.text import load_text_source
+
+        return load_text_source(src)
     ds, test = _load(src, size, channels)
     if src.unlabelled:
         return (unlabelled(ds) if ds.labelled else ds), None

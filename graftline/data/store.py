@@ -20,32 +20,49 @@ from graftline.errors import ArtifactError
 from graftline.io import atomic_dir, hash_arrays
 
 MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"
+TEXTS = ".texts.json"
 
 
-def save_splits(dest: Path | str, splits: dict[str, Dataset], extra: dict[str, Any]) -> dict:
+def save_splits(
+    dest: Path | str, splits: dict[str, Dataset], extra: dict[str, Any], texts: bool = False
+) -> dict:
     """Write all splits and the manifest into ``dest`` atomically; return the manifest.
 
     The first split's classes are the dataset's (none: unlabelled). A split with other
-    classes (the task's labelled probe beside an unlabelled corpus) records its own.
+    classes (the task's labelled probe beside an unlabelled corpus) records its own. With
+    ``texts``, the texts behind a text split's token ids are kept too (``<split>.texts.json``:
+    the task's, which evaluation, the gate and the predictions read; a corpus keeps its ids
+    only).
     """
     first = next(iter(splits.values()))
+    # A text transform carries its tokenizer's JSON: it is written beside the splits as
+    # tokenizer.json, and the manifest names the file (load_split puts it back).
+    tokenizer = first.transform.get("tokenizer")
+    transform = dict(first.transform)
+    if tokenizer is not None:
+        transform["tokenizer"] = TOKENIZER
     manifest: dict[str, Any] = {
         "format": "graftline.dataset/1",
         "classes": first.classes,
         "labelled": first.labelled,
         "shape": list(first.images.shape[1:]),
         "source": first.source,
-        "transform": first.transform,
+        "transform": transform,
         "splits": {},
         **extra,
     }
     with atomic_dir(dest) as tmp:
+        if tokenizer is not None:
+            (tmp / TOKENIZER).write_text(tokenizer)
         for name, ds in splits.items():
             np.save(tmp / f"{name}.npy", np.ascontiguousarray(ds.images), allow_pickle=False)
             # numbered ids (items with no names of their own) are made again on load
             numbered = ds.ids == NumberedIds(manifest["source"], len(ds))
             ids = np.array([], dtype=str) if numbered else np.array(ds.ids)
             np.savez(tmp / f"{name}.npz", labels=ds.labels, ids=ids)
+            if texts and ds.texts is not None:
+                (tmp / f"{name}{TEXTS}").write_text(json.dumps(ds.texts, ensure_ascii=False))
             manifest["splits"][name] = {
                 "count": len(ds),
                 "per_class": ds.class_counts(),
@@ -54,6 +71,8 @@ def save_splits(dest: Path | str, splits: dict[str, Dataset], extra: dict[str, A
             if ds.classes != first.classes:
                 manifest["splits"][name]["classes"] = ds.classes
             if ds.transform != first.transform:
+                if ds.transform.get("tokenizer") is not None:
+                    raise ValueError(f"split {name!r}: one store holds one tokenizer")
                 manifest["splits"][name]["transform"] = ds.transform
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
@@ -85,9 +104,20 @@ def load_split(root: Path | str, split: str, mmap: bool = False) -> Dataset:
     except (OSError, KeyError, ValueError) as err:
         raise ArtifactError(f"{path}: cannot read split ({err})") from None
     if len(images) != len(labels):
-        raise ArtifactError(f"{root}: split {split!r} has {len(images)} images, {len(labels)} labels")
+        raise ArtifactError(f"{root}: split {split!r} has {len(images)} items, {len(labels)} labels")
     meta = manifest["splits"][split]
     transform = meta.get("transform", manifest.get("transform"))
+    if isinstance(transform, dict) and transform.get("tokenizer") == TOKENIZER:
+        try:
+            transform = {**transform, "tokenizer": (root / TOKENIZER).read_text()}
+        except OSError as err:
+            raise ArtifactError(f"{root / TOKENIZER}: cannot read the tokenizer ({err})") from None
+    texts = None
+    if (root / f"{split}{TEXTS}").exists():
+        try:
+            texts = json.loads((root / f"{split}{TEXTS}").read_text())
+        except (OSError, ValueError) as err:
+            raise ArtifactError(f"{root / (split + TEXTS)}: cannot read the texts ({err})") from None
     return Dataset(
         images,
         labels,
@@ -95,4 +125,5 @@ def load_split(root: Path | str, split: str, mmap: bool = False) -> Dataset:
         manifest["source"],
         ids,
         transform if isinstance(transform, dict) else {},
+        texts,
     )

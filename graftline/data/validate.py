@@ -65,10 +65,13 @@ def validate(ds: Dataset, name: str) -> None:
     """
     if len(ds) == 0 or ds.images.size == 0:
         raise DataError(f"{name}: the dataset is empty")
-    if ds.images.ndim != 4:
-        raise DataError(f"{name}: images must be (N, C, H, W), got shape {ds.images.shape}")
+    text = ds.transform.get("kind") == "text"  # texts (N,) or their token ids (N, max_len)
+    if not (ds.images.ndim in (1, 2) if text else ds.images.ndim == 4):
+        want = "texts (N,) or token ids (N, max_len)" if text else "images (N, C, H, W)"
+        raise DataError(f"{name}: expected {want}, got shape {ds.images.shape}")
     if len(ds.images) != len(ds.labels):
-        raise DataError(f"{name}: {len(ds.images)} images but {len(ds.labels)} labels")
+        what = "texts" if text else "images"
+        raise DataError(f"{name}: {len(ds.images)} {what} but {len(ds.labels)} labels")
     if ds.images.dtype.kind == "f" and not np.isfinite(ds.images).all():
         i = int(np.argwhere(~np.isfinite(ds.images.reshape(len(ds), -1)))[0, 0])
         raise DataError(f"{name}: {ds.ids[i]} contains NaN or Inf")
@@ -101,4 +104,4 @@ def restrict_classes(ds: Dataset, classes: list[str], name: str) -> Dataset:
                 f"({len(items)} item(s): {first}{', ...' if len(items) > 3 else ''})"
             )
     problems.raise_if_any()
-    return Dataset(ds.images, new, list(classes), ds.source, ds.ids, ds.transform)
+    return Dataset(ds.images, new, list(classes), ds.source, ds.ids, ds.transform, ds.texts)

@@ -15,7 +15,7 @@ import torch
 from graftline.data.transforms import legacy_geometry
 from graftline.errors import ArtifactError
 from graftline.io import atomic_path
-from graftline.models.classifier import Classifier, build_classifier
+from graftline.models.classifier import Classifier, build_classifier, input_dims
 
 FORMAT = "graftline.checkpoint/1"
 
@@ -26,12 +26,13 @@ def save_checkpoint(
     *,
     model_config: dict[str, Any],
     classes: list[str],
-    input_shape: tuple[int, int, int],
+    input_shape: tuple[int, ...],
     transform: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> None:
     """Write ``model`` atomically with its architecture config, classes, input shape and the
-    transform that brought its training images to that shape (``transforms.geometry``)."""
+    transform that brought its training items to that shape (``transforms.geometry``; for
+    text, the tokenizer: ``graftline.data.text``)."""
     ckpt = {
         "format": FORMAT,
         "model_config": dict(model_config),
@@ -65,7 +66,7 @@ def read_checkpoint(path: Path | str) -> dict[str, Any]:
 def load_checkpoint(path: Path | str) -> tuple[Classifier, dict[str, Any]]:
     """Rebuild the model a checkpoint describes; returns ``(model in eval mode, checkpoint)``."""
     ckpt = read_checkpoint(path)
-    c, h, _w = ckpt["input_shape"]
+    c, h = input_dims(ckpt["input_shape"])  # (C, H, W) images; (max_len,) token ids
     try:
         model = build_classifier(ckpt["model_config"], c, h, len(ckpt["classes"]))
     except ValueError as err:

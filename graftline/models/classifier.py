@@ -9,10 +9,12 @@ import torch
 from torch import nn
 
 from graftline.models.cnn import CNNBackbone
+from graftline.models.text import build_text_backbone
 from graftline.models.vit import ViTBackbone
 
 # name -> factory(model_config, in_channels, image_size). Every stage, the checkpoint, the
 # MLflow model and serving build a backbone through here; nothing else names an architecture.
+# A text backbone's config holds its vocabulary and length itself (models.text).
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "cnn": lambda cfg, in_channels, image_size: CNNBackbone(
         in_channels=in_channels,
@@ -36,6 +38,8 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
         pool=cfg["pool"],
         normalize=cfg.get("normalize"),
     ),
+    "llama": lambda cfg, *_: build_text_backbone(cfg),
+    "bert": lambda cfg, *_: build_text_backbone(cfg),
 }
 
 
@@ -50,8 +54,14 @@ class Classifier(nn.Module):
             nn.Linear(backbone.out_features, num_classes) if num_classes else nn.Identity()
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
         return self.head(self.backbone(x))
+
+
+def input_dims(shape: tuple[int, ...] | list[int]) -> tuple[int, int]:
+    """``(in_channels, image_size)`` of an input shape: ``(C, H, W)`` images, or ``(1,
+    max_len)`` for token ids ``(max_len,)``, whose backbone reads its sizes from its config."""
+    return (int(shape[0]), int(shape[1])) if len(shape) == 3 else (1, int(shape[0]))
 
 
 def build_backbone(model_cfg: dict[str, Any], in_channels: int, image_size: int) -> nn.Module:

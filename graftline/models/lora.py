@@ -6,19 +6,23 @@ Only ``A`` and ``B`` train (plus the head, and the norms if asked). :func:`merge
 ``(alpha / r) * B A`` into ``W`` and puts plain ``nn.Linear`` layers back: the exported model has
 the base architecture, the base's latency, and no adapter code.
 
-Written on ``torch.nn`` rather than taken from ``peft``: peft brings ``transformers`` and
-``accelerate`` along, and the whole technique is the fifty lines below.
+Written on ``torch.nn`` rather than taken from ``peft``: the whole technique is the fifty
+lines below, and one implementation serves every backbone, the ViT and the Hugging Face text
+models alike (a backbone names its layers in ``lora_targets``), with one merge, tested once.
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
 
-# Which linear layers of a ViT block each target names (graftline.models.vit).
-TARGETS = {"qkv": ("attn.qkv",), "proj": ("attn.proj",), "mlp": ("mlp.0", "mlp.3")}
+# Which linear layers of a ViT block each target names (graftline.models.vit): regular
+# expressions matched against the end of a layer's name. A backbone with other names brings
+# its own as ``lora_targets`` (graftline.models.text).
+TARGETS = {"qkv": (r"attn\.qkv",), "proj": (r"attn\.proj",), "mlp": (r"mlp\.0", r"mlp\.3")}
 
 
 class Adapter(nn.Module):
@@ -58,8 +62,8 @@ class LoRALinear(nn.Module):
         return out
 
 
-def _matches(name: str, targets: list[str]) -> bool:
-    return any(name.endswith(suffix) for t in targets for suffix in TARGETS[t])
+def _matches(name: str, targets: list[str], table: dict[str, tuple[str, ...]]) -> bool:
+    return any(re.search(rf"(^|\.){pattern}$", name) for t in targets for pattern in table[t])
 
 
 def add_adapters(
@@ -70,15 +74,17 @@ def add_adapters(
     Raises:
         ValueError: no layer of ``module`` matches ``targets``.
     """
+    table = getattr(module, "lora_targets", TARGETS)
     chosen = [
         name
         for name, m in module.named_modules()
-        if isinstance(m, nn.Linear) and _matches(name, targets)
+        if isinstance(m, nn.Linear) and _matches(name, targets, table)
     ]
     if not chosen:
         raise ValueError(
             f"no linear layer to adapt: LoRA targets {targets} name the attention and MLP "
-            f"projections of a ViT, and {type(module).__name__} has none"
+            f"projections of a Transformer (arch vit, llama or bert), and "
+            f"{type(module).__name__} has none"
         )
     adapted = []
     for name in chosen:

@@ -1,7 +1,8 @@
 """The HTTP service for the champion: FastAPI, JSON or image uploads, a page to try it.
 
-Endpoints: ``POST /predict`` (JSON pixels), ``POST /predict/image`` (PNG/JPEG uploads),
-``GET /health``, ``GET /ready``, ``GET /model`` and ``GET /`` (draw or upload a digit).
+Endpoints: ``POST /predict`` (JSON pixels, or ``{"texts": [...]}`` for a text model),
+``POST /predict/image`` (PNG/JPEG uploads), ``GET /health``, ``GET /ready``, ``GET /model``
+and ``GET /`` (draw or upload a digit; a text box when the champion reads texts).
 Bad input is a 4xx with a message, never a 500. Optional bearer-token auth: set
 ``GRAFTLINE_API_TOKEN`` and send ``Authorization: Bearer <token>``.
 """
@@ -35,11 +36,20 @@ UPLOAD_SCHEMA = {
 
 
 class PredictRequest(BaseModel):
-    """One image or a batch of images as pixel arrays (0..255, white digit on black)."""
+    """A batch of images as pixel arrays (0..255, white digit on black), or of texts for a
+    text model."""
 
-    inputs: list[Any] = Field(
-        description="a list of images; each is flat (C*H*W numbers), HxW or CxHxW nested lists",
+    inputs: list[Any] | None = Field(
+        default=None,
+        description="image models: a list of images; each is flat (C*H*W numbers), HxW or "
+        "CxHxW nested lists",
         examples=[[[0.0] * 784]],
+    )
+    texts: list[Any] | None = Field(
+        default=None,
+        description="text models: a list of texts (strings); one over the model's max_len "
+        "tokens is truncated, and its answer says so",
+        examples=[["Great coffee, I buy it every month."]],
     )
 
 
@@ -52,6 +62,9 @@ class Prediction(BaseModel):
     class_: str = Field(alias="class")
     probability: float
     top: list[ClassProbability]
+    truncated: bool | None = Field(
+        default=None, description="text models: the text had more than max_len tokens"
+    )
 
 
 class PredictResponse(BaseModel):
@@ -64,20 +77,40 @@ class Problem(BaseModel):
     detail: str
 
 
-def _answer(loaded: LoadedModel, name: str, pixels: np.ndarray) -> dict[str, Any]:
-    proba = loaded.predict_proba(pixels)  # numpy end to end: no DataFrame on the hot path
+def _answer(
+    loaded: LoadedModel, name: str, proba: np.ndarray, truncated: np.ndarray | None = None
+) -> dict[str, Any]:
     k = min(3, len(loaded.classes))
     order = np.argsort(-proba, axis=1)[:, :k]
     preds = []
-    for row, top in zip(proba, order, strict=True):
-        preds.append(
-            {
-                "class": loaded.classes[top[0]],
-                "probability": float(row[top[0]]),
-                "top": [{"class": loaded.classes[i], "probability": float(row[i])} for i in top],
-            }
-        )
+    for n, (row, top) in enumerate(zip(proba, order, strict=True)):
+        pred = {
+            "class": loaded.classes[top[0]],
+            "probability": float(row[top[0]]),
+            "top": [{"class": loaded.classes[i], "probability": float(row[i])} for i in top],
+        }
+        if truncated is not None:
+            pred["truncated"] = bool(truncated[n])
+        preds.append(pred)
     return {"model_name": name, "model_version": loaded.version, "predictions": preds}
+
+
+def _as_texts(texts: list[Any], max_batch: int, max_chars: int) -> list[str]:
+    """Validate the texts of a request; raise 4xx naming the first bad item."""
+    if not texts:
+        raise HTTPException(400, "texts is empty: send at least one text")
+    if len(texts) > max_batch:
+        raise HTTPException(413, f"batch of {len(texts)} texts is over the limit of {max_batch}")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise HTTPException(400, f"texts[{i}]: not a string ({type(text).__name__})")
+        if not text.strip():
+            raise HTTPException(400, f"texts[{i}]: empty text")
+        if len(text) > max_chars:
+            raise HTTPException(
+                413, f"texts[{i}]: {len(text)} characters is over the limit of {max_chars}"
+            )
+    return list(texts)
 
 
 def _as_pixels(inputs: list[Any], shape: tuple[int, int, int], max_batch: int) -> np.ndarray:
@@ -133,6 +166,7 @@ def create_app(
     max_batch: int = 256,
     max_upload_bytes: int = 5 * 1024 * 1024,
     token: str | None = None,
+    max_text_chars: int = 100_000,
 ) -> FastAPI:
     """The service, around a champion follower (started and stopped with the app)."""
     token = token if token is not None else os.environ.get(TOKEN_ENV) or None
@@ -184,7 +218,12 @@ def create_app(
         loaded = follower.current
         if loaded is None:
             return JSONResponse({"ready": False, "reason": follower.reason}, status_code=503)
-        answer = {"ready": True, "model_name": follower.name, "model_version": loaded.version}
+        answer = {
+            "ready": True,
+            "model_name": follower.name,
+            "model_version": loaded.version,
+            "input": "text" if loaded.text else "image",
+        }
         if follower.warning:  # it serves, but someone should look
             answer["warning"] = follower.warning
         return JSONResponse(answer)
@@ -203,7 +242,8 @@ def create_app(
         "/predict",
         response_model=PredictResponse,
         response_model_by_alias=True,
-        summary="Predict one image or a batch: JSON pixel arrays or uploaded PNG/JPEG files",
+        summary="Predict a batch: JSON pixel arrays or uploaded PNG/JPEG files; texts for a "
+        "text model",
         dependencies=[Depends(authorize)],
         responses={400: {"model": Problem}, 413: {"model": Problem}, 503: {"model": Problem}},
         openapi_extra={
@@ -238,8 +278,18 @@ def create_app(
             where = ".".join(str(p) for p in first.get("loc", ())) or "body"
             raise HTTPException(422, f"{where}: {first['msg']}") from None
         loaded = champion()  # taken once: the whole request uses this version
+        if loaded.text:
+            if req.texts is None:
+                raise HTTPException(400, 'this model reads texts: send {"texts": ["...", ...]}')
+            proba, cut = loaded.predict_texts(_as_texts(req.texts, max_batch, max_text_chars))
+            return JSONResponse(_answer(loaded, follower.name, proba, cut))
+        if req.inputs is None:
+            raise HTTPException(
+                400, 'this model reads images: send {"inputs": [...]} or upload files'
+            )
         pixels = _as_pixels(req.inputs, loaded.input_shape, max_batch)
-        return JSONResponse(_answer(loaded, follower.name, pixels))
+        # numpy end to end: no DataFrame on the hot path
+        return JSONResponse(_answer(loaded, follower.name, loaded.predict_proba(pixels)))
 
     @app.post(
         "/predict/image",
@@ -256,6 +306,8 @@ def create_app(
         if len(files) > max_batch:
             raise HTTPException(413, f"{len(files)} files is over the limit of {max_batch}")
         loaded = champion()
+        if loaded.text:
+            raise HTTPException(400, 'this model reads texts: send {"texts": ["...", ...]}')
         images = []
         for f in files:
             data = await f.read(max_upload_bytes + 1)
@@ -266,7 +318,8 @@ def create_app(
             if not data:
                 raise HTTPException(400, f"{f.filename}: empty file")
             images.append(decode_image(data, f.filename or "upload", loaded.transform))
-        return JSONResponse(_answer(loaded, follower.name, np.stack(images)))
+        proba = loaded.predict_proba(np.stack(images))
+        return JSONResponse(_answer(loaded, follower.name, proba))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:

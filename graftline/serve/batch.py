@@ -1,4 +1,5 @@
-"""Batch prediction: a folder of images or a CSV of pixels in, a CSV of predictions out."""
+"""Batch prediction: a folder of images or a CSV of pixels in (texts: a .txt, CSV, JSON Lines
+or Parquet file), a CSV of predictions out."""
 
 from __future__ import annotations
 
@@ -69,24 +70,65 @@ def read_inputs(
     raise DataError(f"{path}: expected a folder of images or a .csv file")
 
 
+TEXT_FILES = {".txt", ".csv", ".jsonl", ".parquet"}
+
+
+def read_texts(path: Path, text_column: str = "text") -> tuple[list[str], list[str]]:
+    """Items and their texts for a text model: a ``.txt`` file (one text per line; blank
+    lines skipped) or a CSV, JSON Lines or Parquet table's ``text_column``, checked as a text
+    source is (every bad row named)."""
+    from graftline.config import TextTableSource
+    from graftline.data.text import load_text_table
+
+    suffix = path.suffix.lower()
+    if suffix not in TEXT_FILES:
+        raise DataError(
+            f"{path}: a text model reads a .txt (a text per line), .csv, .jsonl or .parquet file"
+        )
+    if suffix == ".txt":
+        try:
+            lines = path.read_bytes().decode("utf-8").splitlines()
+        except FileNotFoundError:
+            raise DataError(f"{path}: no such file") from None
+        except UnicodeDecodeError as err:
+            line = path.read_bytes()[: err.start].count(b"\n") + 1
+            raise DataError(f"{path}: line {line} is not valid UTF-8") from None
+        kept = [(f"line {i}", t) for i, t in enumerate(lines, start=1) if t.strip()]
+        if not kept:
+            raise DataError(f"{path}: no text in the file")
+        return [k for k, _ in kept], [t for _, t in kept]
+    src = TextTableSource(
+        kind="text_table", path=str(path), text_column=text_column, labels="ignore"
+    )
+    ds = load_text_table(src)
+    return list(ds.ids), [str(t) for t in ds.images]
+
+
 def predict_batch(
-    loaded: LoadedModel, ids: list[str], pixels: np.ndarray, out: Path, batch_size: int = 256
+    loaded: LoadedModel,
+    ids: list[str],
+    inputs: np.ndarray | list[str],
+    out: Path,
+    batch_size: int = 256,
 ) -> pd.DataFrame:
-    """Predict in batches with a progress bar; write ``file,class,probability,model_version``."""
+    """Predict in batches with a progress bar; write ``file,class,probability,model_version``
+    (texts: ``id,class,probability,truncated,model_version``)."""
     parts = []
     for i in tqdm(
-        range(0, len(pixels), batch_size), desc=f"predicting (v{loaded.version})", unit="batch"
+        range(0, len(inputs), batch_size), desc=f"predicting (v{loaded.version})", unit="batch"
     ):
-        parts.append(loaded.predict(pixels[i : i + batch_size]))
+        parts.append(loaded.predict(inputs[i : i + batch_size]))
     frame = pd.concat(parts, ignore_index=True)
     result = pd.DataFrame(
         {
-            "file": ids,
+            "id" if loaded.text else "file": ids,
             "class": frame["class"],
             "probability": frame["probability"].round(6),
-            "model_version": loaded.version,
         }
     )
+    if loaded.text:
+        result["truncated"] = frame["truncated"]
+    result["model_version"] = loaded.version
     write_text(out, result.to_csv(index=False))
     return result
 

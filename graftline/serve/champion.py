@@ -21,7 +21,12 @@ from torch import nn
 
 from graftline.models.checkpoint import input_transform, load_checkpoint
 from graftline.registry import CHAMPION
-from graftline.serve.predict import predict_frame, predict_proba_pixels
+from graftline.serve.predict import (
+    is_text_model,
+    predict_frame,
+    predict_proba_pixels,
+    text_proba,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +36,27 @@ class LoadedModel:
     version: str
     model: nn.Module
     classes: list[str]
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]  # (C, H, W) images; (max_len,) for a text model
     info: dict[str, Any] = field(default_factory=dict)
     checkpoint_file: tuple[str, int] = ("", 0)  # path inside the version's artifacts, size
-    # How an image becomes this model's input: what its training data got.
+    # How an image becomes this model's input (what its training data got), or a text
+    # (its tokenizer and max_len).
     transform: dict[str, Any] = field(default_factory=dict)
 
-    def predict(self, pixels: np.ndarray) -> pd.DataFrame:
-        return predict_frame(self.model, self.classes, pixels)
+    @property
+    def text(self) -> bool:
+        """Whether this model reads texts."""
+        return is_text_model(self.transform)
+
+    def predict(self, inputs: np.ndarray | list[str]) -> pd.DataFrame:
+        return predict_frame(self.model, self.classes, inputs, transform=self.transform)
 
     def predict_proba(self, pixels: np.ndarray) -> np.ndarray:
         return predict_proba_pixels(self.model, pixels)
+
+    def predict_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities of ``texts`` and which were truncated at the model's ``max_len``."""
+        return text_proba(self.model, self.transform, texts)
 
 
 def load_version(client: Any, name: str, version: str) -> LoadedModel:
