@@ -1,0 +1,119 @@
+"""Text end to end: the packaged fine-food reviews through the Prefect flow (tokenizer,
+a Llama-style decoder pretrained on the unlabelled corpus, LoRA fine-tuning, TF-IDF + LR
+baseline, gate, registry), then the service and batch prediction answer the test split's
+own texts as evaluate did, and refuse bad text requests with a 4xx."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+from mlflow import MlflowClient
+
+from flows.pipeline import pipeline
+from graftline import tracking
+from graftline.serve.app import create_app
+from graftline.serve.champion import ChampionFollower
+from tests.conftest import make_repo
+from tests.integration.conftest import graftline_cli
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+TEXT_PARAMS = {
+    "preprocess": {
+        "seed": 0,
+        "tokenizer": {"vocab_size": 800, "max_len": 64},
+        "pretrain": {"source": {"kind": "fine_food", "labels": "ignore"}, "limit": 800},
+        "task": {"source": {"kind": "fine_food"}, "labels_per_class": 20, "val_fraction": 0.05},
+    },
+    "pretrain": {
+        "objective": "causal_lm",
+        "model": {"arch": "llama", "dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0},
+        "train": {"epochs": 1, "batch_size": 32, "lr": 0.003, "num_threads": 1},
+    },
+    "finetune": {
+        "strategy": "lora",
+        "lora": {"rank": 4, "alpha": 8.0},
+        "train": {"epochs": 2, "batch_size": 20, "lr": 0.003, "num_threads": 1},
+    },
+    "distill": {"enabled": False},
+    "evaluate": {"tfidf": {"C": 10.0, "ngrams": 2}},
+    "deploy": {"gate": {"min_accuracy": 0.3}},  # model_name: graftline-fine-food
+}
+
+
+def test_text_trains_through_the_flow_and_serves_as_evaluated(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = make_repo(tmp_path_factory.mktemp("textrepo"), TEXT_PARAMS)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv(tracking.EXPERIMENT_ENV, raising=False)
+    monkeypatch.delenv("GRAFTLINE_API_TOKEN", raising=False)
+
+    result = pipeline(root=str(repo))
+    assert result["deploy"]["promoted"], result["deploy"]["decision"]
+    name = "graftline-fine-food"
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    assert {"finetuned", "scratch", "tfidf_lr"} <= set(metrics) and "svc" not in metrics
+    assert metrics["test_size"] == 1000  # the testing reviews, all of them
+    history = pd.read_csv(repo / "reports/pretrain/history.csv")
+    assert {"val_perplexity", "val_knn_acc"} <= set(history.columns)
+    assert (repo / "data/processed/task/tokenizer.json").exists()
+
+    evaluated = pd.read_csv(repo / "reports/evaluate/predictions.csv")
+    texts = json.loads((repo / "data/processed/task/test.texts.json").read_text())
+    some = list(range(0, 1000, 40))
+    texts_some = [texts[i] for i in some]
+    expected = evaluated["finetuned"].astype(str).iloc[some].tolist()
+
+    table = repo / "reviews.jsonl"
+    pd.DataFrame({"review": texts_some}).to_json(table, orient="records", lines=True)
+    out = repo / "predicted.csv"
+    done = graftline_cli(repo, "predict", str(table), "--text-column", "review", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert pd.read_csv(out)["class"].astype(str).tolist() == expected
+    lines = repo / "reviews.txt"
+    lines.write_text("\n".join(t.replace("\n", " ") for t in texts_some[:3]) + "\n\n")
+    done = graftline_cli(repo, "predict", str(lines), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert pd.read_csv(out)["id"].tolist() == ["line 1", "line 2", "line 3"]
+
+    tracking.configure(repo)
+    card = MlflowClient().get_model_version(name, "1").description
+    assert "Input: texts; tokenizer byte-level BPE with 800 tokens" in card
+    follower = ChampionFollower(name, MlflowClient(), poll_seconds=3600)
+    with TestClient(create_app(follower, max_batch=8)) as c:
+        assert c.get("/ready").json()["input"] == "text"
+        served = []
+        for start in range(0, len(texts_some), 8):
+            answer = c.post("/predict", json={"texts": texts_some[start : start + 8]})
+            assert answer.status_code == 200, answer.text
+            served += answer.json()["predictions"]
+        assert [p["class"] for p in served] == expected
+        assert all(len(p["top"]) == 2 and "truncated" in p for p in served)
+        long = c.post("/predict", json={"texts": ["great " * 200, "好吃 😀"]}).json()
+        assert [p["truncated"] for p in long["predictions"]] == [True, False]
+
+        refused = {
+            "empty": c.post("/predict", json={"texts": []}),
+            "not a string": c.post("/predict", json={"texts": ["fine", 12]}),
+            "blank": c.post("/predict", json={"texts": ["  "]}),
+            "too many": c.post("/predict", json={"texts": ["a"] * 9}),
+            "pixels": c.post("/predict", json={"inputs": [[0.0] * 784]}),
+            "upload": c.post("/predict/image", files=[("files", ("a.png", b"x", "image/png"))]),
+            "too long": c.post("/predict", json={"texts": ["x" * 100_001]}),
+        }
+    codes = {k: r.status_code for k, r in refused.items()}
+    assert codes == {
+        "empty": 400,
+        "not a string": 400,
+        "blank": 400,
+        "too many": 413,
+        "pixels": 400,
+        "upload": 400,
+        "too long": 413,
+    }, {k: r.text for k, r in refused.items()}
+    assert "texts[1]: not a string (int)" in refused["not a string"].json()["detail"]
+    assert "this model reads texts" in refused["pixels"].json()["detail"]
