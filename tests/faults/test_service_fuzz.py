@@ -20,6 +20,7 @@ from graftline.serve.champion import ChampionFollower
 from tests.integration.conftest import (  # noqa: F401 - fixtures shared with integration
     deploy_once,
     sqlite_root,
+    text_root,
     trained,
     write_model,
 )
@@ -39,9 +40,11 @@ pixels = st.floats(allow_nan=True, allow_infinity=True) | st.integers(-(2**40), 
 images = st.lists(pixels, min_size=0, max_size=900) | st.lists(
     st.lists(pixels, min_size=0, max_size=30), min_size=0, max_size=30
 )
+texts = st.lists(st.text(max_size=300) | json_values, max_size=10)
 bodies = (
     json_values.map(json.dumps)
     | st.builds(lambda xs: json.dumps({"inputs": xs}), st.lists(images, max_size=3))
+    | st.builds(lambda xs: json.dumps({"texts": xs}), texts)
     | st.binary(max_size=300).map(lambda b: b.decode("latin-1"))
 )
 FUZZ = settings(
@@ -89,3 +92,27 @@ def test_every_endpoint_never_answers_5xx(
 ) -> None:
     r = service.request(method, path, params=query)
     assert r.status_code < 500, (method, path, r.status_code, r.text[:500])
+
+
+@pytest.fixture
+def text_service(text_root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    monkeypatch.delenv("GRAFTLINE_API_TOKEN", raising=False)
+    follower = ChampionFollower("blob-texts", MlflowClient(), poll_seconds=3600)
+    with TestClient(create_app(follower, max_batch=8), raise_server_exceptions=False) as c:
+        assert c.get("/ready").json()["input"] == "text"
+        yield c
+
+
+@FUZZ
+@given(body=bodies)
+def test_a_text_model_never_answers_5xx(text_service: TestClient, body: str) -> None:
+    headers = {"content-type": "application/json"}
+    r = text_service.post(
+        "/predict", content=body.encode("utf-8", "surrogatepass"), headers=headers
+    )
+    assert r.status_code < 500, (r.status_code, r.text[:500])
+    if r.status_code == 200:  # an answer per text, each with its truncation flag
+        answer = r.json()["predictions"]
+        assert len(answer) == len(json.loads(body)["texts"]) and all(
+            "truncated" in p for p in answer
+        )

@@ -103,3 +103,50 @@ def graftline_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
     )
+
+
+def word_texts(n: int, seed: int) -> tuple[list[str], np.ndarray]:
+    """Short texts whose class is the sentiment of their words (three classes)."""
+    rng = np.random.default_rng(seed)
+    words = [["good", "great", "lovely"], ["bad", "awful", "stale"], ["ok", "fine", "average"]]
+    y = rng.integers(0, 3, n)
+    texts = [" ".join(rng.choice(words[k], 4)) + " coffee 好" for k in y]
+    return texts, y.astype(np.int64)
+
+
+@pytest.fixture
+def text_root(sqlite_root: Path) -> Path:
+    """``sqlite_root`` with a small trained text classifier (a Llama-style decoder over a
+    tokenizer trained on its texts) registered as the champion of ``blob-texts``, and a
+    tokenized test split that keeps its texts."""
+    from graftline.config import TokenizerParams
+    from graftline.data.text import encode, token_spec, tokenize_dataset, train_tokenizer
+
+    texts, y = word_texts(90, 0)
+    p = TokenizerParams(vocab_size=300, max_len=16)
+    tok = train_tokenizer(texts, p)
+    spec = token_spec(tok, p, int((encode(tok, texts, 16, 0)[0] != 0).sum()))
+    item = np.empty(len(texts), dtype=object)
+    item[:] = texts
+    ds, _ = tokenize_dataset(Dataset(item, y, ["0", "1", "2"], "words"), tok, spec)
+    save_splits(
+        sqlite_root / paths.TASK_DATA, {"test": ds.subset(np.arange(60, 90))}, {}, texts=True
+    )
+    cfg = {"arch": "llama", "dim": 16, "depth": 1, "heads": 2, "mlp_ratio": 2.0}
+    cfg |= {"dropout": 0.0, "pool": "last"}
+    cfg |= {k: spec[k] for k in ("vocab_size", "max_len", "pad_id", "bos_id", "eos_id")}
+    torch.manual_seed(0)
+    model = build_classifier(cfg, 1, 16, 3)
+    train = ds.subset(np.arange(60))
+    fit(model, train, train, TrainConfig(epochs=3, batch_size=16, lr=3e-3), seed=0)
+    save_checkpoint(
+        sqlite_root / paths.FINETUNED / paths.MODEL_FILE,
+        model,
+        model_config=cfg,
+        classes=["0", "1", "2"],
+        input_shape=(16,),
+        transform=spec,
+    )
+    params = parse_params({"deploy": {"model_name": "blob-texts", "gate": {"min_accuracy": 0.0}}})
+    deploy_once(sqlite_root, params)
+    return sqlite_root
