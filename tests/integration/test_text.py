@@ -1,7 +1,8 @@
 """Text end to end: the packaged fine-food reviews through the Prefect flow (tokenizer,
-a Llama-style decoder pretrained on the unlabelled corpus, LoRA fine-tuning, TF-IDF + LR
-baseline, gate, registry), then the service and batch prediction answer the test split's
-own texts as evaluate did, and refuse bad text requests with a 4xx."""
+a Llama-style decoder pretrained on the unlabelled corpus, LoRA fine-tuning, distillation
+and label propagation on the corpus, TF-IDF + LR baseline, gate, registry, card), then the
+service and batch prediction answer the test split's own texts as evaluate did, and refuse
+bad text requests with a 4xx."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from flows.pipeline import pipeline
 from graftline import tracking
 from graftline.serve.app import create_app
 from graftline.serve.champion import ChampionFollower
-from tests.conftest import make_repo
+from tests.conftest import dvc, make_repo, tool_env
 from tests.integration.conftest import graftline_cli
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -38,7 +39,12 @@ TEXT_PARAMS = {
         "lora": {"rank": 4, "alpha": 8.0},
         "train": {"epochs": 2, "batch_size": 20, "lr": 0.003, "num_threads": 1},
     },
-    "distill": {"enabled": False},
+    "distill": {  # soft targets over the corpus, then a round of label propagation
+        "enabled": True,
+        "corpus_limit": 300,
+        "train": {"epochs": 1, "batch_size": 32, "lr": 0.003, "num_threads": 1},
+        "propagate": {"rounds": 1, "epochs": 1, "pca": 8, "neighbours": 10},
+    },
     "evaluate": {"tfidf": {"C": 10.0, "ngrams": 2}},
     "deploy": {"gate": {"min_accuracy": 0.3}},  # model_name: graftline-fine-food
 }
@@ -56,7 +62,10 @@ def test_text_trains_through_the_flow_and_serves_as_evaluated(
     assert result["deploy"]["promoted"], result["deploy"]["decision"]
     name = "graftline-fine-food"
     metrics = json.loads((repo / "reports/metrics.json").read_text())
-    assert {"finetuned", "scratch", "tfidf_lr"} <= set(metrics) and "svc" not in metrics
+    assert {"finetuned", "student", "scratch", "tfidf_lr"} <= set(metrics)
+    assert "svc" not in metrics
+    status = dvc(repo, tool_env(repo), "status")
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
     assert metrics["test_size"] == 1000  # the testing reviews, all of them
     history = pd.read_csv(repo / "reports/pretrain/history.csv")
     assert {"val_perplexity", "val_knn_acc"} <= set(history.columns)
@@ -66,7 +75,7 @@ def test_text_trains_through_the_flow_and_serves_as_evaluated(
     texts = json.loads((repo / "data/processed/task/test.texts.json").read_text())
     some = list(range(0, 1000, 40))
     texts_some = [texts[i] for i in some]
-    expected = evaluated["finetuned"].astype(str).iloc[some].tolist()
+    expected = evaluated["student"].astype(str).iloc[some].tolist()  # the student deploys
 
     table = repo / "reviews.jsonl"
     pd.DataFrame({"review": texts_some}).to_json(table, orient="records", lines=True)

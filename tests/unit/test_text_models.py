@@ -50,13 +50,12 @@ def batch(rows: list[list[int]], width: int) -> dict[str, torch.Tensor]:
 def test_a_text_feature_does_not_depend_on_the_padding(cfg: dict) -> None:
     torch.manual_seed(0)
     model = build_classifier(cfg, 1, cfg["max_len"], 3).eval()
-    text = [2, 7, 9, 11, 13, 3]
+    texts = [[2, 7, 9, 11, 13, 3], [2, 5, 3]]
     with torch.no_grad():
-        alone = model.backbone(batch([text], 6))
-        padded = model.backbone(batch([text, [2, 5, 3]], 12))[0]
-        logits = model(batch([text], 6))
-    assert alone.shape == (1, 32) and logits.shape == (1, 3)
-    torch.testing.assert_close(alone[0], padded, atol=1e-5, rtol=1e-5)
+        alone = torch.cat([model(batch([t], len(t))) for t in texts])
+        padded = model(batch(texts, 12))
+    assert padded.shape == (2, 3)
+    torch.testing.assert_close(alone, padded, atol=1e-5, rtol=1e-5)
 
 
 def test_causal_targets_are_the_next_real_token() -> None:
@@ -132,15 +131,20 @@ def test_a_language_model_learns_through_the_same_loop(arch: str) -> None:
 def test_lora_adapts_a_text_backbone_and_merges_back_to_the_same_function(cfg: dict) -> None:
     torch.manual_seed(0)
     model = build_classifier(cfg, 1, 24, 2).eval()
+    inputs = batch([[2, 7, 9, 11, 3], [2, 5, 3]], 5)
+    with torch.no_grad():
+        base = model(inputs)
     layers = add_adapters(model.backbone, ["qkv", "proj", "mlp"], rank=2, alpha=4.0)
     per_layer = 7 if cfg["arch"] == "llama" else 6  # q k v o gate up down / q k v o in out
     assert len(layers) == per_layer * cfg["depth"]
+    with torch.no_grad():  # B starts at zero: the adapted model computes what its base did
+        torch.testing.assert_close(model(inputs), base)
     for layer in layers:  # as if trained
         torch.nn.init.normal_(layer.adapter.b, std=0.1)
-    inputs = batch([[2, 7, 9, 11, 3], [2, 5, 3]], 5)
     with torch.no_grad():
         adapted = model(inputs)
         assert merge_adapters(model) == len(layers)
         merged = model(inputs)
+    assert not torch.allclose(adapted, base)
     torch.testing.assert_close(adapted, merged, atol=1e-5, rtol=1e-4)
     assert not any("adapter" in k for k in model.state_dict())
