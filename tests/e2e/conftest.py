@@ -10,6 +10,7 @@ import pytest
 
 from tests.integration.conftest import (  # noqa: F401 - fixtures shared with integration
     sqlite_root,
+    text_root,
     trained,
 )
 

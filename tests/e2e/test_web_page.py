@@ -3,12 +3,14 @@ with the mouse, upload an image, read the answer; the page follows a promotion."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,30 +34,7 @@ def test_draw_upload_and_follow_promotion(
 
     write_model(sqlite_root, trained, dead_classes=[2])
     v1 = deploy_once(sqlite_root)["version"]
-    (sqlite_root / "params.yaml").write_text(json.dumps({"deploy": {"model_name": "blobs"}}))
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("GRAFTLINE_API_TOKEN", None)
-    log = (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "graftline.cli", "serve", "--port", str(port), "--poll", "0.5"],
-        cwd=sqlite_root,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                if json.loads(urllib.request.urlopen(f"{url}/ready", timeout=2).read())["ready"]:
-                    break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, (
-                    tmp_path / "serve.log"
-                ).read_text()
-                time.sleep(0.3)
+    with serving(sqlite_root, "blobs", tmp_path) as url:
         browser.get(url)
         wait = WebDriverWait(browser, 20)
         pad = browser.find_element(By.ID, "pad")
@@ -91,7 +70,69 @@ def test_draw_upload_and_follow_promotion(
             if browser.find_element(By.ID, "version").text == f"blobs v{v2}":
                 break
         assert browser.find_element(By.ID, "version").text == f"blobs v{v2}"
+
+
+@contextlib.contextmanager
+def serving(root: Path, name: str, tmp_path: Path) -> Iterator[str]:
+    """`graftline serve` for model ``name`` in ``root`` on a free loopback port, until it is
+    ready; yields its URL."""
+    (root / "params.yaml").write_text(json.dumps({"deploy": {"model_name": name}}))
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("GRAFTLINE_API_TOKEN", None)
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "graftline.cli", "serve", "--port", str(port), "--poll", "0.5"],
+        cwd=root,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if json.loads(urllib.request.urlopen(f"{url}/ready", timeout=2).read())["ready"]:
+                    break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, (
+                    tmp_path / "serve.log"
+                ).read_text()
+                time.sleep(0.3)
+        yield url
     finally:
         server.terminate()
         server.wait(timeout=20)
         log.close()
+
+
+def test_a_text_champion_gets_a_text_box(text_root: Path, browser, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with serving(text_root, "blob-texts", tmp_path) as url:
+        text = "good great lovely good coffee 好"
+        request = urllib.request.Request(
+            f"{url}/predict",
+            data=json.dumps({"texts": [text]}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        expected = json.loads(urllib.request.urlopen(request, timeout=10).read())["predictions"][0]
+        browser.get(url)
+        wait = WebDriverWait(browser, 20)
+        wait.until(lambda d: d.find_element(By.ID, "textpanel").is_displayed())
+        assert not browser.find_element(By.ID, "pad").is_displayed()
+        browser.find_element(By.ID, "text").send_keys(text)
+        browser.find_element(By.ID, "predict-text").click()
+        wait.until(lambda d: d.find_element(By.ID, "answer").text != "")
+        assert browser.find_element(By.ID, "answer").text == expected["class"]
+        assert browser.find_element(By.ID, "version").text == "blob-texts v1"
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#top3 .bar")) == 3
+        assert browser.find_element(By.ID, "truncated").text == ""
+        box = browser.find_element(By.ID, "text")
+        box.clear()
+        box.send_keys("good " * 40)  # over the model's 16 tokens
+        browser.find_element(By.ID, "predict-text").click()
+        wait.until(lambda d: "cut" in d.find_element(By.ID, "truncated").text)
+        browser.save_screenshot(str(tmp_path / "text.png"))
