@@ -2,8 +2,8 @@
 downloaded (``HF_HUB_OFFLINE``; nothing here calls ``from_pretrained``).
 
 ``llama``: a GPT/Llama-style decoder (``LlamaModel``: causal attention, RMSNorm, rotary
-positions, SwiGLU). Its feature for a head is the state of the last real token, the one that
-has attended to the whole text. ``bert``: a BERT-style encoder (``BertModel`` without its
+positions, SwiGLU). Its feature for a head is the mean of its real tokens' states, or the
+state of the last real token, the one that has attended to the whole text. ``bert``: a BERT-style encoder (``BertModel`` without its
 pooler); its feature is the first token's state (``<s>``, BERT's [CLS]) or the mean of the
 real tokens'. Both read ``{"input_ids", "attention_mask"}`` (``graftline.data.modules
 .TokenData``), padded on the right.
@@ -53,7 +53,7 @@ class TextBackbone(nn.Module):
         heads: int = 4,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
-        pool: str = "last",
+        pool: str = "mean",
         bos_id: int | None = None,
         eos_id: int | None = None,
     ) -> None:
