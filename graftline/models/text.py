@@ -38,6 +38,10 @@ LORA_TARGETS = {
 }
 
 
+# What a text model's config takes from its tokenizer (the text transform).
+FROM_TOKENIZER = ("vocab_size", "max_len", "pad_id", "bos_id", "eos_id")
+
+
 class TextBackbone(nn.Module):
     """A Hugging Face decoder (``llama``) or encoder (``bert``) with graftline's pooling:
     ``forward`` gives one feature vector per text, ``hidden`` the per-token states."""
@@ -158,6 +162,4 @@ def build_text_backbone(cfg: dict[str, Any]) -> TextBackbone:
 def text_model_config(model_cfg: dict[str, Any], transform: dict[str, Any]) -> dict[str, Any]:
     """``model_cfg`` (params) completed from a text transform: the tokenizer's vocabulary
     size, ``max_len`` and special ids."""
-    keys = {"vocab_size": "vocab_size", "max_len": "max_len", "pad_id": "pad_id"}
-    keys |= {"bos_id": "bos_id", "eos_id": "eos_id"}
-    return {**model_cfg, **{k: transform[v] for k, v in keys.items()}}
+    return {**model_cfg, **{k: transform[k] for k in FROM_TOKENIZER}}

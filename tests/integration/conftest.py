@@ -121,6 +121,7 @@ def text_root(sqlite_root: Path) -> Path:
     tokenized test split that keeps its texts."""
     from graftline.config import TokenizerParams
     from graftline.data.text import encode, token_spec, tokenize_dataset, train_tokenizer
+    from graftline.models.text import text_model_config
 
     texts, y = word_texts(90, 0)
     p = TokenizerParams(vocab_size=300, max_len=16)
@@ -133,8 +134,7 @@ def text_root(sqlite_root: Path) -> Path:
         sqlite_root / paths.TASK_DATA, {"test": ds.subset(np.arange(60, 90))}, {}, texts=True
     )
     cfg = {"arch": "llama", "dim": 16, "depth": 1, "heads": 2, "mlp_ratio": 2.0}
-    cfg |= {"dropout": 0.0, "pool": "last"}
-    cfg |= {k: spec[k] for k in ("vocab_size", "max_len", "pad_id", "bos_id", "eos_id")}
+    cfg = text_model_config({**cfg, "dropout": 0.0, "pool": "last"}, spec)
     torch.manual_seed(0)
     model = build_classifier(cfg, 1, 16, 3)
     train = ds.subset(np.arange(60))
