@@ -38,9 +38,12 @@ log = logging.getLogger("graftline.deploy")
 MODEL_CODE = Path(graftline.__file__).parent / "serve" / "mlflow_model.py"
 
 
-def _requirements() -> list[str]:
+def _requirements(text: bool = False) -> list[str]:
+    """The logged model's pip requirements, pinned to this environment's versions; a text
+    model also needs its Hugging Face model classes and tokenizer."""
     pins = []
-    for dist in ("torch", "mlflow", "numpy", "pandas", "pydantic", "pyyaml", "scipy"):
+    dists = ["torch", "mlflow", "numpy", "pandas", "pydantic", "pyyaml", "scipy"]
+    for dist in dists + (["transformers", "tokenizers", "safetensors"] if text else []):
         try:
             pins.append(f"{dist}=={importlib.metadata.version(dist)}")
         except importlib.metadata.PackageNotFoundError:  # pragma: no cover
@@ -94,7 +97,7 @@ def log_model(checkpoint: Path, example: Any) -> Any:
         code_paths=[str(Path(graftline.__file__).parent)],
         signature=signature,
         input_example=example,
-        pip_requirements=_requirements(),
+        pip_requirements=_requirements(input_transform(ckpt).get("kind") == "text"),
         # In the MLmodel file: how an image becomes the input the signature describes (the
         # checkpoint carries the same; graftline serve and predict apply it).
         metadata={"graftline_input_transform": input_transform(ckpt)},
