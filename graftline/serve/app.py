@@ -280,12 +280,14 @@ def create_app(
         loaded = champion()  # taken once: the whole request uses this version
         if loaded.text:
             if req.texts is None:
-                raise HTTPException(400, 'this model reads texts: send {"texts": ["...", ...]}')
+                raise HTTPException(
+                    422, 'texts: field required (this model reads texts: {"texts": ["...", ...]})'
+                )
             proba, cut = loaded.predict_texts(_as_texts(req.texts, max_batch, max_text_chars))
             return JSONResponse(_answer(loaded, follower.name, proba, cut))
         if req.inputs is None:
             raise HTTPException(
-                400, 'this model reads images: send {"inputs": [...]} or upload files'
+                422, "inputs: field required (this model reads images: pixel arrays, or files)"
             )
         pixels = _as_pixels(req.inputs, loaded.input_shape, max_batch)
         # numpy end to end: no DataFrame on the hot path

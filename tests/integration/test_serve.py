@@ -56,7 +56,8 @@ def test_predictions_bad_input_and_alias_following(
     v1 = deploy_once(sqlite_root)["version"]
     test = blobs(10, 21)
     with client_for(sqlite_root, max_batch=8, max_upload_bytes=200_000) as c:
-        assert c.get("/ready").json() == {"ready": True, "model_name": "blobs", "model_version": v1}
+        ready = {"ready": True, "model_name": "blobs", "model_version": v1, "input": "image"}
+        assert c.get("/ready").json() == ready
         one = c.post("/predict", json={"inputs": [test.images[0, 0].tolist()]}).json()
         assert one["model_version"] == v1 and len(one["predictions"]) == 1
         assert len(one["predictions"][0]["top"]) == 3

@@ -120,9 +120,9 @@ def test_text_trains_through_the_flow_and_serves_as_evaluated(
         "not a string": 400,
         "blank": 400,
         "too many": 413,
-        "pixels": 400,
+        "pixels": 422,
         "upload": 400,
         "too long": 413,
     }, {k: r.text for k, r in refused.items()}
     assert "texts[1]: not a string (int)" in refused["not a string"].json()["detail"]
-    assert "this model reads texts" in refused["pixels"].json()["detail"]
+    assert "texts: field required (this model reads texts" in refused["pixels"].json()["detail"]
