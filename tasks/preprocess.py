@@ -13,7 +13,7 @@ from graftline.data.dataset import Dataset
 from graftline.data.sources import load_source
 from graftline.data.splits import label_budget, stratified_split
 from graftline.data.store import save_splits
-from graftline.data.text import PAD, encode, token_spec, tokenize_dataset, train_tokenizer
+from graftline.data.text import token_spec, tokenize_dataset, train_tokenizer
 from graftline.data.validate import restrict_classes, validate
 from tasks._stage import stage_main
 
@@ -95,12 +95,16 @@ def tokenize(p: PreprocessParams, groups: dict[str, dict[str, Dataset]]) -> dict
     record."""
     corpus = groups["pretrain"]["train"]
     tok = train_tokenizer(corpus.images, p.tokenizer)
-    ids, _ = encode(tok, corpus.images, p.tokenizer.max_len, tok.token_to_id(PAD))
-    spec = token_spec(tok, p.tokenizer, int((ids != tok.token_to_id(PAD)).sum()))
+    spec = token_spec(tok, p.tokenizer, 0)
     truncated = {}
     for group_name, group in groups.items():
         for name, ds in group.items():
             group[name], truncated[f"{group_name}.{name}"] = tokenize_dataset(ds, tok, spec)
+    # the corpus's size in tokens, counted on its ids (not encoded a second time)
+    spec["corpus_tokens"] = int((groups["pretrain"]["train"].images != spec["pad_id"]).sum())
+    for group in groups.values():
+        for ds in group.values():
+            ds.transform["corpus_tokens"] = spec["corpus_tokens"]
     log.info(
         "tokenizer: byte-level BPE, %d tokens, trained on %d texts (%d tokens); texts over "
         "max_len %d, truncated: %s",
