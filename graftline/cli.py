@@ -298,6 +298,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         poll_seconds=args.poll,
         max_batch=args.max_batch,
         max_bytes=args.max_bytes,
+        runtime=args.runtime,
     )
     return 0
 
@@ -317,14 +318,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if version is None:
         raise GraftlineError(f"model {reg.name!r} has no champion; pass --version")
     reg.version(version)
-    loaded = load_version(MlflowClient(), reg.name, str(version))
+    loaded = load_version(MlflowClient(), reg.name, str(version), args.runtime)
     if loaded.text:
         ids, inputs = read_texts(args.input, args.text_column)
     else:
         ids, inputs = read_inputs(args.input, loaded.input_shape, loaded.transform)
     result = predict_batch(loaded, ids, inputs, args.out)
-    print(f"{args.out}: {summary(result)['items']} predictions by {reg.name} v{version}")
+    print(
+        f"{args.out}: {summary(result)['items']} predictions by {reg.name} v{version} "
+        f"({args.runtime})"
+    )
     return 0
+
+
+def _runtime_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--runtime",
+        choices=["torch", "onnx"],
+        default="torch",
+        help="torch: the checkpoint on PyTorch (default); onnx: the version's model.onnx on "
+        "ONNX Runtime (CPU, or CUDA where present), the same input transform or tokenizer",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -396,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=5 * 1024 * 1024,
         help="largest request body or uploaded file, in bytes",
     )
+    _runtime_option(p)
     p.set_defaults(func=cmd_serve)
 
     p = command("predict", help="batch prediction: images or texts in, a CSV of answers out")
@@ -410,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="output CSV")
     p.add_argument("--version", help="registered version (default: the champion)")
+    _runtime_option(p)
     p.set_defaults(func=cmd_predict)
 
     p = command(

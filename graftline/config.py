@@ -711,6 +711,21 @@ class GateParams(_Strict):
     )
 
 
+class ExportParams(_Strict):
+    onnx: bool = Field(
+        default=True,
+        description="every registered version carries model.onnx (ONNX Runtime serves it: "
+        "graftline serve --runtime onnx), checked against PyTorch on the test split",
+    )
+    tolerance: float = Field(
+        default=1e-4,
+        gt=0,
+        le=1,
+        description="largest |logit difference| between ONNX Runtime and PyTorch on the test "
+        "items; a larger one fails the deploy and changes nothing in the registry",
+    )
+
+
 class DeployParams(_Strict):
     model_name: str | None = Field(
         default=None,
@@ -721,6 +736,7 @@ class DeployParams(_Strict):
         "source (its folder's or file's name, or the packaged set's)",
     )
     gate: GateParams = GateParams()
+    export: ExportParams = ExportParams()
 
 
 def task_name(source: Any) -> str:

@@ -660,6 +660,15 @@ def _finish(
     )
 
 
+def model_device(model: Any) -> torch.device:
+    """Where a model's inputs go: its parameters' device, or the ``device`` an exported
+    model (``graftline.export.OnnxClassifier``) declares."""
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def predict_proba(
     model: nn.Module,
@@ -671,7 +680,7 @@ def predict_proba(
     [0, 255] (uint8 or float); softened by ``temperature`` (a distillation teacher's soft
     targets) when above 1. A batch at a time: a memory-mapped corpus stays on disk."""
     model.eval()
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     module = data if isinstance(data, DataModule) else ImageData.unlabelled(data)
     # One array filled a batch at a time: a corpus of millions of items costs its
     # probabilities once, not a list of batches and their concatenation as well.

@@ -10,7 +10,8 @@ import importlib.metadata
 import json
 import logging
 import sys
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +80,9 @@ def model_tag(params: Params) -> str:
     )
 
 
-def log_model(checkpoint: Path, example: Any) -> Any:
-    """Log a checkpoint as an MLflow pyfunc model (models from code; no pickle on load)."""
+def log_model(checkpoint: Path, example: Any, exports: dict[str, Path] | None = None) -> Any:
+    """Log a checkpoint as an MLflow pyfunc model (models from code; no pickle on load),
+    with its ``exports`` (``{"onnx": model.onnx}``) among the model's artifacts."""
     import mlflow
     from mlflow.models import infer_signature
 
@@ -93,7 +95,10 @@ def log_model(checkpoint: Path, example: Any) -> Any:
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=str(MODEL_CODE),
-        artifacts={"checkpoint": str(checkpoint)},
+        artifacts={
+            "checkpoint": str(checkpoint),
+            **{k: str(v) for k, v in (exports or {}).items()},
+        },
         code_paths=[str(Path(graftline.__file__).parent)],
         signature=signature,
         input_example=example,
@@ -395,6 +400,38 @@ class Packaged:
     scored: Challenge
     labels: np.ndarray  # the test items' true class indices, for per-class figures
     classes: list[str]
+    # What the exports' checks found, as the version's tags (graftline.export.*).
+    export_tags: dict[str, str] = field(default_factory=dict)
+
+
+def export_onnx(
+    checkpoint: Path, test: Any, folder: Path, tolerance: float
+) -> tuple[Path, dict[str, str]]:
+    """``model.onnx`` of a checkpoint in ``folder``, checked against PyTorch on the test split;
+    the file and its tags (the largest logit difference, its size, the seconds it took).
+    An export that fails or disagrees is an :class:`ArtifactError` naming the difference."""
+    import time
+
+    from graftline.data.modules import data_module
+    from graftline.export import ONNX_FILE, ExportError, export_checked
+    from graftline.models.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(checkpoint)
+    started = time.perf_counter()
+    path = folder / ONNX_FILE
+    try:
+        diff = export_checked(model, data_module(test), path, tolerance)
+    except ExportError as err:
+        raise ArtifactError(
+            f"{checkpoint}: {err}; nothing was registered (deploy.export.onnx: false skips "
+            "the export)"
+        ) from None
+    return path, {
+        "graftline.export.onnx_max_abs_diff": f"{diff:.3g}",
+        "graftline.export.onnx_bytes": str(path.stat().st_size),
+        "graftline.export.onnx_seconds": f"{time.perf_counter() - started:.1f}",
+        "graftline.export.onnx_tolerance": f"{tolerance:g}",
+    }
 
 
 def package(params: Params, root: Path = Path(".")) -> Packaged:
@@ -419,7 +456,14 @@ def package(params: Params, root: Path = Path(".")) -> Packaged:
             raise ArtifactError(f"{root / paths.TASK_DATA}: the test split keeps no texts")
         images = pd.DataFrame({"text": test.texts})
     run_id = mlflow.active_run().info.run_id
-    info = log_model(checkpoint, images[:1])
+    with tempfile.TemporaryDirectory(prefix="graftline-export-") as tmp:
+        exports: dict[str, Path] = {}
+        export_tags: dict[str, str] = {}
+        if params.deploy.export.onnx:
+            exports["onnx"], export_tags = export_onnx(
+                checkpoint, test, Path(tmp), params.deploy.export.tolerance
+            )
+        info = log_model(checkpoint, images[:1], exports)
     # Score what was logged, loaded back through MLflow: this is what will serve, and a
     # partial write fails here, before any alias moves.
     champion = Registry(params.deploy.model_name).champion()
@@ -428,7 +472,7 @@ def package(params: Params, root: Path = Path(".")) -> Packaged:
         scored = challenge(params.deploy.model_name, info.model_uri, champ_version, images, truth)
     except RegistryError as err:
         raise ArtifactError(str(err)) from None
-    return Packaged(run_id, info.model_uri, scored, test.labels, list(test.classes))
+    return Packaged(run_id, info.model_uri, scored, test.labels, list(test.classes), export_tags)
 
 
 def run(
@@ -466,6 +510,7 @@ def run(
             )
     for key, value in {
         **decision.as_tags(),
+        **packaged.export_tags,
         "graftline.params": json.dumps(params.model_dump(mode="json"), sort_keys=True)[:5000],
     }.items():
         registry.client.set_model_version_tag(p.model_name, version, key, value)

@@ -112,7 +112,7 @@ class TextBackbone(nn.Module):
         token's, or the mean of the real ones'."""
         if self.pool == "last":
             last = mask.long().sum(1).clamp_min(1) - 1
-            return states[torch.arange(len(states), device=states.device), last]
+            return states[torch.arange(states.shape[0], device=states.device), last]
         if self.pool == "cls":
             return states[:, 0]
         weights = mask.unsqueeze(-1).to(states.dtype)

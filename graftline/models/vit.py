@@ -122,7 +122,7 @@ class ViTBackbone(nn.Module):
         """The Transformer over ``tokens`` (all patches, or the visible ones), class token
         first when there is one; returns the normalised sequence."""
         if self.embed.cls is not None:
-            tokens = torch.cat([self.embed.cls.expand(len(tokens), -1, -1), tokens], dim=1)
+            tokens = torch.cat([self.embed.cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         for block in self.blocks:
             tokens = block(tokens)
         return self.norm(tokens)

@@ -223,6 +223,7 @@ def create_app(
             "model_name": follower.name,
             "model_version": loaded.version,
             "input": "text" if loaded.text else "image",
+            "runtime": loaded.info.get("runtime", "torch"),
         }
         if follower.warning:  # it serves, but someone should look
             answer["warning"] = follower.warning
@@ -337,14 +338,16 @@ def serve(
     poll_seconds: float = 2.0,
     max_batch: int = 256,
     max_bytes: int = 5 * 1024 * 1024,
+    runtime: str = "torch",
 ) -> None:
-    """Run the service with uvicorn (loopback unless told otherwise)."""
+    """Run the service with uvicorn (loopback unless told otherwise), the champion on
+    PyTorch or, with ``runtime="onnx"``, its ``model.onnx`` on ONNX Runtime."""
     import torch
     import uvicorn
     from mlflow import MlflowClient
 
     torch.set_num_threads(max(1, min(2, math.floor(os.cpu_count() or 1))))
-    follower = ChampionFollower(name, MlflowClient(), poll_seconds)
+    follower = ChampionFollower(name, MlflowClient(), poll_seconds, runtime)
     uvicorn.run(
         create_app(follower, max_batch=max_batch, max_upload_bytes=max_bytes),
         host=host,

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class LoadedModel:
     version: str
-    model: nn.Module
+    model: nn.Module  # or graftline.export.OnnxClassifier (runtime onnx)
     classes: list[str]
     input_shape: tuple[int, ...]  # (C, H, W) images; (max_len,) for a text model
     info: dict[str, Any] = field(default_factory=dict)
@@ -59,16 +59,37 @@ class LoadedModel:
         return text_proba(self.model, self.transform, texts)
 
 
-def load_version(client: Any, name: str, version: str) -> LoadedModel:
-    """Download one registered version's checkpoint and rebuild it (weights only, no pickle)."""
+RUNTIMES = ("torch", "onnx")
+
+
+def load_version(client: Any, name: str, version: str, runtime: str = "torch") -> LoadedModel:
+    """Download one registered version and rebuild it (weights only, no pickle): its
+    checkpoint on PyTorch, or its ``model.onnx`` on ONNX Runtime (``runtime="onnx"``); the
+    checkpoint gives the classes and the input transform either way."""
     import mlflow
 
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r} (known: {', '.join(RUNTIMES)})")
     mv = client.get_model_version(name, version)
     root = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}"))
     found = sorted(root.rglob("model.pt"))
     if not found:
         raise FileNotFoundError(f"models:/{name}/{version} has no checkpoint artifact")
+    model: Any
     model, ckpt = load_checkpoint(found[0])
+    if runtime == "onnx":
+        from graftline.export import ONNX_FILE, OnnxClassifier
+
+        exported = sorted(root.rglob(ONNX_FILE))
+        if not exported:
+            raise FileNotFoundError(
+                f"models:/{name}/{version} has no {ONNX_FILE} (registered with "
+                "deploy.export.onnx off, or before graftline exported ONNX); serve it with "
+                "--runtime torch"
+            )
+        import torch
+
+        model = OnnxClassifier(exported[0], threads=torch.get_num_threads())
     checkpoint_file = (found[0].relative_to(root).as_posix(), found[0].stat().st_size)
     metrics: dict[str, float] = {}
     if mv.run_id:
@@ -87,6 +108,7 @@ def load_version(client: Any, name: str, version: str) -> LoadedModel:
         "metrics": metrics,
         "tags": dict(mv.tags),
         "aliases": list(getattr(mv, "aliases", []) or []),
+        "runtime": runtime,
     }
     return LoadedModel(
         str(version),
@@ -126,9 +148,12 @@ def _artifact_problem(name: str, loaded: LoadedModel) -> str:
 class ChampionFollower:
     """Holds the current champion and follows the alias in a background thread."""
 
-    def __init__(self, name: str, client: Any, poll_seconds: float = 2.0) -> None:
+    def __init__(
+        self, name: str, client: Any, poll_seconds: float = 2.0, runtime: str = "torch"
+    ) -> None:
         self.name = name
         self.client = client
+        self.runtime = runtime
         self.poll_seconds = poll_seconds
         self.current: LoadedModel | None = None
         self.reason = "not loaded yet"
@@ -157,7 +182,7 @@ class ChampionFollower:
             if self.current is not None and self.current.version == version:
                 self._warn(_artifact_problem(self.name, self.current))
                 return False
-            loaded = load_version(self.client, self.name, version)
+            loaded = load_version(self.client, self.name, version, self.runtime)
             previous = self.current.version if self.current else None
             self.current = loaded  # one reference swap: in-flight requests keep the old one
             self.reason = ""

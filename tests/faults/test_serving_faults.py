@@ -50,6 +50,7 @@ def test_champion_artifact_lost_while_serving(
             "model_name": "blobs",
             "model_version": version,
             "input": "image",
+            "runtime": "torch",
         }
         location = MlflowClient().get_model_version_download_uri("blobs", version)
         stored = list(Path(urlparse(location).path).rglob("model.pt"))

@@ -9,12 +9,14 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from fastapi.testclient import TestClient
 from mlflow import MlflowClient
 from PIL import Image
 
+from graftline.errors import ArtifactError
 from graftline.registry import Registry
 from graftline.serve.app import create_app
 from graftline.serve.champion import ChampionFollower
@@ -27,8 +29,10 @@ from tests.integration.conftest import (
 )
 
 
-def client_for(root: Path, token: str | None = None, **kw: int) -> TestClient:
-    follower = ChampionFollower("blobs", MlflowClient(), poll_seconds=3600)
+def client_for(
+    root: Path, token: str | None = None, runtime: str = "torch", **kw: int
+) -> TestClient:
+    follower = ChampionFollower("blobs", MlflowClient(), poll_seconds=3600, runtime=runtime)
     return TestClient(create_app(follower, token=token, **kw))
 
 
@@ -57,6 +61,7 @@ def test_predictions_bad_input_and_alias_following(
     test = blobs(10, 21)
     with client_for(sqlite_root, max_batch=8, max_upload_bytes=200_000) as c:
         ready = {"ready": True, "model_name": "blobs", "model_version": v1, "input": "image"}
+        ready["runtime"] = "torch"
         assert c.get("/ready").json() == ready
         one = c.post("/predict", json={"inputs": [test.images[0, 0].tolist()]}).json()
         assert one["model_version"] == v1 and len(one["predictions"]) == 1
@@ -187,6 +192,15 @@ def test_batch_predict_cli(sqlite_root: Path, trained: torch.nn.Module) -> None:
     truth = [test.classes[i] for i in test.labels]
     got = [row.split(",")[1] for row in (sqlite_root / "a.csv").read_text().splitlines()[1:]]
     assert sum(g == t for g, t in zip(got, truth, strict=True)) >= 7
+    # ONNX Runtime on the version's model.onnx: the same transform, the same answers
+    r = cli("predict", str(folder), "--out", "onnx.csv", "--runtime", "onnx")
+    assert r.returncode == 0 and "(onnx)" in r.stdout, r.stderr
+    torch_rows = pd.read_csv(sqlite_root / "a.csv")
+    onnx_rows = pd.read_csv(sqlite_root / "onnx.csv")
+    assert onnx_rows["class"].tolist() == torch_rows["class"].tolist()
+    assert (onnx_rows["probability"] - torch_rows["probability"]).abs().max() < 1e-5
+    tags = MlflowClient().get_model_version("blobs", version).tags
+    assert float(tags["graftline.export.onnx_max_abs_diff"]) < 1e-4
     (folder / "05.png").write_bytes(b"\x89PNG broken")
     r = cli("predict", str(folder), "--out", "c.csv")
     assert r.returncode == 2 and "05.png: unreadable or truncated image" in r.stderr
@@ -272,9 +286,42 @@ def test_a_vision_transformer_goes_through_registry_and_service_like_the_cnn(
     card = Registry("blobs").version(deployed["version"]).description
     assert "Backbone `vit`" in card
     test = blobs(10, 21)
-    with client_for(sqlite_root) as c:
-        assert c.get("/model").json()["version"] == deployed["version"]
-        got = c.post("/predict", json={"inputs": [im.ravel().tolist() for im in test.images]})
-        preds = [p["class"] for p in got.json()["predictions"]]
+    inputs = {"inputs": [im.ravel().tolist() for im in test.images]}
+    answers = {}
+    for runtime in ("torch", "onnx"):  # its model.onnx answers as PyTorch does
+        with client_for(sqlite_root, runtime=runtime) as c:
+            model = c.get("/model").json()
+            assert (model["version"], model["runtime"]) == (deployed["version"], runtime)
+            answers[runtime] = c.post("/predict", json=inputs).json()["predictions"]
+    preds = [p["class"] for p in answers["torch"]]
     truth = [test.classes[i] for i in test.labels]
     assert sum(p == t for p, t in zip(preds, truth, strict=True)) >= 0.8 * len(truth)
+    assert [p["class"] for p in answers["onnx"]] == preds
+    for a, b in zip(answers["onnx"], answers["torch"], strict=True):
+        assert abs(a["probability"] - b["probability"]) < 1e-5
+
+
+def test_an_onnx_export_that_disagrees_fails_the_deploy_and_changes_nothing(
+    sqlite_root: Path, trained: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exporter that writes another function than the model computes (made here by
+    exporting other weights: a real wrong graph) is caught on the test items before anything
+    is registered; the champion stays."""
+    import graftline.export as export
+
+    write_model(sqlite_root, trained, dead_classes=[])
+    v1 = deploy_once(sqlite_root)["version"]
+    real = export.export_onnx
+
+    def wrong(model: torch.nn.Module, module: object, path: Path) -> Path:
+        other = type(model)(model.backbone, 3)  # a fresh head: other logits
+        torch.nn.init.normal_(other.head.weight, std=1.0)
+        return real(other, module, path)
+
+    monkeypatch.setattr(export, "export_onnx", wrong)
+    write_model(sqlite_root, trained, dead_classes=[2])
+    with pytest.raises(ArtifactError, match=r"logits differ from PyTorch's by .*nothing was"):
+        deploy_once(sqlite_root)
+    registry = Registry("blobs")
+    assert registry.champion_version() == v1
+    assert [str(v.version) for v in MlflowClient().search_model_versions("name = 'blobs'")] == [v1]

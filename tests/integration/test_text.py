@@ -7,6 +7,7 @@ bad text requests with a 4xx."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -90,8 +91,9 @@ def test_text_trains_through_the_flow_and_serves_as_evaluated(
     assert pd.read_csv(out)["id"].tolist() == ["line 1", "line 2", "line 3"]
 
     tracking.configure(repo)
-    card = MlflowClient().get_model_version(name, "1").description
-    assert "Input: texts; tokenizer byte-level BPE with 800 tokens" in card
+    version = MlflowClient().get_model_version(name, "1")
+    assert "Input: texts; tokenizer byte-level BPE with 800 tokens" in version.description
+    assert float(version.tags["graftline.export.onnx_max_abs_diff"]) < 1e-4
     follower = ChampionFollower(name, MlflowClient(), poll_seconds=3600)
     with TestClient(create_app(follower, max_batch=8)) as c:
         assert c.get("/ready").json()["input"] == "text"
@@ -126,3 +128,26 @@ def test_text_trains_through_the_flow_and_serves_as_evaluated(
     }, {k: r.text for k, r in refused.items()}
     assert "texts[1]: not a string (int)" in refused["not a string"].json()["detail"]
     assert "texts: field required (this model reads texts" in refused["pixels"].json()["detail"]
+
+
+def test_a_text_model_answers_alike_on_onnx_runtime(text_root: Path) -> None:
+    """The registered text model's model.onnx (dynamic batch and sequence), tokenized by
+    the same tokenizer: the service and batch prediction answer as on PyTorch."""
+    texts = ["great great lovely coffee", "awful stale bad", "ok " * 40, "好 😀", "fine average"]
+    answers = {}
+    for runtime in ("torch", "onnx"):
+        follower = ChampionFollower("blob-texts", MlflowClient(), 3600, runtime=runtime)
+        with TestClient(create_app(follower)) as c:
+            assert c.get("/ready").json()["runtime"] == runtime
+            assert c.get("/model").json()["runtime"] == runtime
+            answers[runtime] = c.post("/predict", json={"texts": texts}).json()["predictions"]
+    for a, b in zip(answers["onnx"], answers["torch"], strict=True):
+        assert (a["class"], a["truncated"]) == (b["class"], b["truncated"])
+        assert abs(a["probability"] - b["probability"]) < 1e-5
+    (text_root / "params.yaml").write_text(json.dumps({"deploy": {"model_name": "blob-texts"}}))
+    (text_root / "in.txt").write_text("\n".join(texts) + "\n")
+    done = graftline_cli(text_root, "predict", "in.txt", "--runtime", "onnx", "--out", "o.csv")
+    assert done.returncode == 0, done.stderr
+    assert pd.read_csv(text_root / "o.csv")["class"].astype(str).tolist() == [
+        a["class"] for a in answers["torch"]
+    ]

@@ -1,0 +1,201 @@
+"""Exports of a trained classifier for runtimes that are not graftline: ONNX.
+
+``model.onnx`` computes the classifier's logits from the tensors its data module feeds the
+PyTorch model, so both runtimes share everything before them (decoding, the recorded input
+transform, the tokenizer):
+
+- images: ``images``, float32 ``(batch, C, H, W)``, pixels scaled to [0, 1] (the backbone's
+  own normalisation, if any, is inside the graph);
+- texts: ``input_ids``, int64 ``(batch, sequence)``, and ``attention_mask``, bool, of the
+  same shape (right-padded token ids, as the model's tokenizer makes them).
+
+The output is ``logits``, float32 ``(batch, classes)``. Both batch and sequence axes are
+dynamic. The graph's metadata says which of the two input conventions it takes.
+
+Exported with ``torch.onnx.export(dynamo=True)`` (the ``torch.export`` path; the TorchScript
+exporter is deprecated) and checked against PyTorch's logits before it is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from graftline.data.modules import DataModule
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+# Largest |logit difference| between ONNX Runtime and PyTorch that a deploy accepts: float32
+# kernels differ in the order they sum in, which moves the last bits (~1e-6 here).
+DEFAULT_TOLERANCE = 1e-4
+# The largest batch and sequence the exported graph is declared for (dynamic up to these).
+MAX_BATCH = 65536
+
+
+class ExportError(Exception):
+    """An export that fails or disagrees with the PyTorch model."""
+
+
+class _TokenLogits(nn.Module):
+    """A text classifier with its two inputs as plain arguments, the form an ONNX graph
+    takes (the classifier itself reads one dict)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model({"input_ids": input_ids, "attention_mask": attention_mask})
+
+
+def _batches(module: DataModule, size: int) -> Iterator[dict[str, torch.Tensor] | torch.Tensor]:
+    """The model inputs of ``module``'s items in order, as the prediction loop makes them."""
+    cpu = torch.device("cpu")
+    for batch in module.sequential(size):
+        yield module.to_device(batch, cpu).inputs
+
+
+def export_onnx(model: nn.Module, module: DataModule, path: Path) -> Path:
+    """Write ``model`` as ONNX to ``path`` (atomically), traced on a batch of ``module``
+    (the items it is checked on next); returns ``path``."""
+    import onnx  # noqa: F401  (torch.onnx needs it; a clear ImportError here otherwise)
+
+    model = model.eval().cpu()
+    example = next(_batches(module, 2))
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    if isinstance(example, dict):
+        max_len = int(module.transform.get("max_len", 512))
+        seq = torch.export.Dim("sequence", min=1, max=max(max_len, 2))
+        wrapped: nn.Module = _TokenLogits(model)
+        args: tuple[Any, ...] = (example["input_ids"], example["attention_mask"])
+        names = ["input_ids", "attention_mask"]
+        shapes: Any = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+        kind = "text"
+    else:
+        wrapped, args, names = model, (example.contiguous(),), ["images"]
+        shapes = ({0: batch},)
+        kind = "images"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".model-", suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                wrapped,
+                args,
+                dynamo=True,
+                input_names=names,
+                output_names=["logits"],
+                dynamic_shapes=shapes,
+                external_data=False,
+                verbose=False,
+                report=False,
+            )
+        if program is None:  # pragma: no cover - the dynamo path always returns a program
+            raise ExportError("torch.onnx.export returned no program")
+        program.model.metadata_props["graftline.input"] = kind
+        program.save(str(tmp), external_data=False)
+        os.replace(tmp, path)
+    except ExportError:
+        raise
+    except Exception as err:
+        raise ExportError(f"ONNX export failed: {type(err).__name__}: {err}") from err
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class OnnxClassifier:
+    """A ``model.onnx`` run by ONNX Runtime behind the small part of ``nn.Module`` that
+    graftline's prediction loop uses (``eval``, ``device``, calling it on a batch's inputs),
+    so serving and batch prediction take either runtime unchanged."""
+
+    runtime = "onnx"
+
+    def __init__(self, path: Path | str, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=_providers())
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.device = torch.device("cpu")  # inputs are handed over as host arrays
+
+    def eval(self) -> OnnxClassifier:
+        return self
+
+    def __call__(self, inputs: dict[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        if isinstance(inputs, dict):
+            feed = {k: inputs[k].cpu().numpy() for k in self.input_names}
+        else:
+            feed = {self.input_names[0]: np.ascontiguousarray(inputs.cpu().numpy())}
+        (logits,) = self.session.run(["logits"], feed)
+        return torch.from_numpy(logits)
+
+
+def logits_difference(model: nn.Module, onnx_model: OnnxClassifier, module: DataModule) -> float:
+    """The largest |logit| difference between ``model`` (PyTorch) and ``onnx_model`` over
+    every item of ``module``, a batch at a time (batches of several sizes and, for texts,
+    lengths: the dynamic axes are exercised)."""
+    model = model.eval()
+    worst = 0.0
+    with torch.no_grad():
+        for inputs in _batches(module, 64):
+            ref = model(inputs).float()
+            got = onnx_model(inputs)
+            if got.shape != ref.shape:
+                raise ExportError(
+                    f"ONNX logits have shape {tuple(got.shape)}, not {tuple(ref.shape)}"
+                )
+            worst = max(worst, float((got - ref).abs().max()))
+    return worst
+
+
+def export_checked(
+    model: nn.Module, module: DataModule, path: Path, tolerance: float = DEFAULT_TOLERANCE
+) -> float:
+    """Export ``model`` to ``path`` and check ONNX Runtime's logits against PyTorch's on
+    every item of ``module``; returns the largest difference. Raises :class:`ExportError`
+    (and leaves no file) when the export fails or differs by more than ``tolerance``."""
+    export_onnx(model, module, path)
+    try:
+        diff = logits_difference(model, OnnxClassifier(path), module)
+    except Exception as err:
+        path.unlink(missing_ok=True)
+        if isinstance(err, ExportError):
+            raise
+        raise ExportError(
+            f"ONNX Runtime cannot run the export: {type(err).__name__}: {err}"
+        ) from err
+    if not np.isfinite(diff) or diff > tolerance:
+        path.unlink(missing_ok=True)
+        raise ExportError(
+            f"ONNX Runtime's logits differ from PyTorch's by {diff:.3g} on the test items "
+            f"(tolerance {tolerance:g})"
+        )
+    log.info(
+        "ONNX export %s: %d bytes, max |logit difference| %.3g",
+        path.name,
+        path.stat().st_size,
+        diff,
+    )
+    return diff

@@ -1,0 +1,126 @@
+"""ONNX export of every architecture: ONNX Runtime's logits equal PyTorch's on batches and
+sequences of other sizes than the one traced, and an export that disagrees leaves no file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from graftline.data.modules import ImageData, Part, TokenData
+from graftline.export import ExportError, OnnxClassifier, export_checked, logits_difference
+from graftline.models import build_classifier
+from graftline.serve.predict import predict_frame
+from graftline.train import predict_proba
+
+IMAGE_MODELS = {
+    "cnn": {"arch": "cnn", "channels": [4, 8], "hidden": 16, "dropout": 0.0, "batch_norm": True},
+    "vit": {
+        "arch": "vit",
+        "patch_size": 4,
+        "dim": 16,
+        "depth": 1,
+        "heads": 2,
+        "mlp_ratio": 2.0,
+        "dropout": 0.0,
+        "pool": "cls",
+        "normalize": {"mean": [0.2], "std": [0.3]},
+    },
+}
+TEXT = {"vocab_size": 50, "max_len": 24, "pad_id": 0, "bos_id": 2, "eos_id": 3}
+
+
+def images(n: int, seed: int = 0) -> ImageData:
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (n, 1, 16, 16), dtype=np.uint8)
+    return ImageData([Part(x, np.zeros(n, np.int64))], ["a", "b", "c"], {})
+
+
+def tokens(n: int, seed: int = 0) -> TokenData:
+    """Right-padded token rows of every length from 1 to ``max_len``."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((n, TEXT["max_len"]), np.int64)
+    for i in range(n):
+        length = 1 + i % TEXT["max_len"]
+        ids[i, :length] = rng.integers(5, TEXT["vocab_size"], length)
+    return TokenData([Part(ids, np.zeros(n, np.int64))], ["a", "b", "c"], TEXT, 0)
+
+
+@pytest.mark.parametrize("arch", sorted(IMAGE_MODELS))
+def test_image_models_export_with_a_dynamic_batch(arch: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_classifier(IMAGE_MODELS[arch], 1, 16, 3).eval()
+    path = tmp_path / "model.onnx"
+    diff = export_checked(model, images(70), path)  # batches of 64 and 6
+    assert path.exists() and diff < 1e-4
+    runtime = OnnxClassifier(path)
+    one = images(1, seed=5)
+    assert logits_difference(model, runtime, one) < 1e-4
+    np.testing.assert_allclose(
+        predict_proba(runtime, one), predict_proba(model, one), rtol=0, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(("arch", "pool"), [("llama", "last"), ("bert", "mean")])
+def test_text_models_export_with_dynamic_batch_and_sequence(
+    arch: str, pool: str, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    cfg = {
+        "arch": arch,
+        "dim": 16,
+        "depth": 2,
+        "heads": 2,
+        "mlp_ratio": 2.0,
+        "dropout": 0.0,
+        "pool": pool,
+        **TEXT,
+    }
+    model = build_classifier(cfg, 1, TEXT["max_len"], 3).eval()
+    path = tmp_path / "model.onnx"
+    diff = export_checked(model, tokens(40), path)
+    assert diff < 1e-4
+    runtime = OnnxClassifier(path)
+    # other batch sizes and lengths than the traced batch (2 rows of lengths 1 and 2)
+    for n, seed in ((1, 3), (7, 4), (TEXT["max_len"], 5)):
+        assert logits_difference(model, runtime, tokens(n, seed)) < 1e-4
+
+
+def test_texts_answer_alike_on_both_runtimes(tmp_path: Path) -> None:
+    from graftline.config import TokenizerParams
+    from graftline.data.text import token_spec, train_tokenizer
+
+    texts = ["great coffee 好", "awful tea", "ok biscuits 😀 " * 30, "fine"] * 5
+    p = TokenizerParams(vocab_size=300, max_len=16)
+    spec = token_spec(train_tokenizer(texts, p), p, 100)
+    cfg = {"arch": "llama", "dim": 16, "depth": 1, "heads": 2, "mlp_ratio": 2.0}
+    cfg = {**cfg, "dropout": 0.0, "pool": "mean", **{k: spec[k] for k in TEXT}}
+    torch.manual_seed(0)
+    model = build_classifier(cfg, 1, 16, 2).eval()
+    from graftline.serve.predict import encode_texts
+
+    ids, _ = encode_texts(spec, texts)
+    module = TokenData([Part(ids, np.zeros(len(ids), np.int64))], ["x", "y"], spec, 0)
+    export_checked(model, module, tmp_path / "model.onnx")
+    torch_answers = predict_frame(model, ["x", "y"], texts, transform=spec)
+    onnx_answers = predict_frame(
+        OnnxClassifier(tmp_path / "model.onnx"), ["x", "y"], texts, transform=spec
+    )
+    assert torch_answers["class"].tolist() == onnx_answers["class"].tolist()
+    assert torch_answers["truncated"].tolist() == onnx_answers["truncated"].tolist()
+    np.testing.assert_allclose(onnx_answers["p_x"], torch_answers["p_x"], atol=1e-5)
+
+
+def test_an_export_that_disagrees_fails_and_leaves_no_file(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_classifier(IMAGE_MODELS["cnn"], 1, 16, 3).eval()
+    path = tmp_path / "model.onnx"
+    export_checked(model, images(8), path)
+    other = build_classifier(IMAGE_MODELS["cnn"], 1, 16, 3).eval()  # other weights
+    assert logits_difference(other, OnnxClassifier(path), images(8)) > 1e-3
+    # the check itself: a tolerance below what float32 kernels can promise
+    with pytest.raises(ExportError, match=r"differ from PyTorch's by .* \(tolerance 1e-30\)"):
+        export_checked(model, images(8), path, tolerance=1e-30)
+    assert not path.exists() and not list(tmp_path.iterdir())
