@@ -2,11 +2,15 @@
 side by side in the same run, then a bounded loopback load test with a promotion midway.
 
     python benchmarks/bench_serve.py [--single 1000] [--batches 200] [--load 10000] \
-        [--params params/vit-mae.yaml]
+        [--params params/vit-mae.yaml | params/text-reviews.yaml] [--runtime onnx]
 
 The model is the architecture of the params file (default params.yaml: the seed CNN;
-params/vit-mae.yaml: the ViT, which is what a merged LoRA export is), registered in a
-temporary SQLite store. Latency: sequential single-image requests over keep-alive, p50 and
+params/vit-mae.yaml: the ViT, which is what a merged LoRA export is; params/text-reviews.yaml:
+the text decoder, its tokenizer trained on the fine-food reviews, whose requests are real
+reviews), registered in a temporary SQLite store. With `--runtime onnx` a second graftline
+service answers from the same version's model.onnx on ONNX Runtime, measured beside the
+PyTorch one and MLflow's (target: its single-item p50 <= 0.7x the PyTorch runtime's), and
+the load test runs against it. Latency: sequential single-image requests over keep-alive, p50 and
 p99. Throughput: sequential batches of 64. Load: `--load` requests at concurrency 16 to
 graftline, with `champion` moved to a new version halfway; every request must succeed and
 the answers must switch version. Targets (issue 4): single-image p50 no higher than
@@ -27,6 +31,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -44,6 +49,9 @@ from graftline.registry import Registry  # noqa: E402
 from tasks import deploy  # noqa: E402
 
 NAME = "bench-digits"
+GRAFTLINE_SERVE = [sys.executable, "-m", "graftline.cli", "serve", "--poll", "0.5"]
+GRAFTLINE_SERVE += ["--max-batch", "256"]
+MLFLOW_SERVE = [sys.executable, "-m", "mlflow", "models", "serve", "--env-manager", "local", "-m"]
 
 
 def free_port() -> int:
@@ -68,30 +76,70 @@ def wait(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
     sys.exit(f"{url} did not come up")
 
 
-def setup(work: Path, params_file: Path) -> None:
-    """Register the params file's architecture twice (v1 champion, v2 for the mid-load
-    switch)."""
-    params = load_params(params_file)
-    rng = np.random.default_rng(0)
-    test = Dataset(
-        rng.integers(0, 255, (50, 1, 28, 28), dtype=np.uint8),
-        np.arange(50) % 10,
-        [str(i) for i in range(10)],
-        "bench",
-    )
-    save_splits(work / paths.TASK_DATA, {"test": test}, {})
-    model = build_classifier(params.pretrain.model.model_dump(), 1, 28, 10)
+def setup_text(work: Path, params: Any) -> list[str]:
+    """A text model of the params' size over a tokenizer trained on the fine-food reviews,
+    written where finetune writes; returns test reviews to send."""
+    from graftline.config import FineFoodSource
+    from graftline.data.text import load_fine_food, token_spec, tokenize_dataset, train_tokenizer
+    from graftline.models.text import text_model_config
+
+    corpus, test = load_fine_food(FineFoodSource(kind="fine_food"))
+    tp = params.preprocess.tokenizer
+    tok = train_tokenizer(list(corpus.images), tp)
+    spec = token_spec(tok, tp, 0)
+    ds, _ = tokenize_dataset(test.subset(np.arange(50)), tok, spec)
+    save_splits(work / paths.TASK_DATA, {"test": ds}, {}, texts=True)
+    cfg = text_model_config(params.pretrain.model.model_dump(), spec)
     save_checkpoint(
         work / paths.FINETUNED / paths.MODEL_FILE,
-        model,
-        model_config=params.pretrain.model.model_dump(),
-        classes=test.classes,
-        input_shape=(1, 28, 28),
+        build_classifier(cfg, 1, tp.max_len, len(test.classes)),
+        model_config=cfg,
+        classes=list(test.classes),
+        input_shape=(tp.max_len,),
+        transform=spec,
     )
+    return [str(t) for t in test.images[50:]]
+
+
+def setup(work: Path, params_file: Path) -> list[str] | None:
+    """Register the params file's architecture twice (v1 champion, v2 for the mid-load
+    switch); for a text model, returns the texts to send."""
+    params = load_params(params_file)
+    texts = None
+    if params.preprocess.text:
+        texts = setup_text(work, params)
+    else:
+        rng = np.random.default_rng(0)
+        test = Dataset(
+            rng.integers(0, 255, (50, 1, 28, 28), dtype=np.uint8),
+            np.arange(50) % 10,
+            [str(i) for i in range(10)],
+            "bench",
+        )
+        save_splits(work / paths.TASK_DATA, {"test": test}, {})
+        model = build_classifier(params.pretrain.model.model_dump(), 1, 28, 10)
+        save_checkpoint(
+            work / paths.FINETUNED / paths.MODEL_FILE,
+            model,
+            model_config=params.pretrain.model.model_dump(),
+            classes=test.classes,
+            input_shape=(1, 28, 28),
+        )
     p = parse_params({"deploy": {"model_name": NAME, "gate": {"min_accuracy": 0.0}}})
     for _ in range(2):
+        t0 = time.perf_counter()
         with tracking.stage_run("deploy", p.deploy.model_dump(), work):
-            deploy.run(p, work)
+            done = deploy.run(p, work)
+        tags = Registry(NAME).version(done["version"]).tags
+        print(
+            f"deploy v{done['version']}: {time.perf_counter() - t0:.1f} s, of which ONNX export "
+            f"and check {tags.get('graftline.export.onnx_seconds', '?')} s; model.onnx "
+            f"{int(tags.get('graftline.export.onnx_bytes', 0)) / 1e6:.2f} MB, checkpoint "
+            f"{(work / paths.FINETUNED / paths.MODEL_FILE).stat().st_size / 1e6:.2f} MB, max "
+            f"|logit difference| {tags.get('graftline.export.onnx_max_abs_diff', '?')}",
+            flush=True,
+        )
+    return texts
 
 
 def latency(client: httpx.Client, url: str, body: bytes, n: int) -> np.ndarray:
@@ -159,6 +207,13 @@ def main() -> None:
     ap.add_argument(
         "--params", type=Path, default=ROOT / "params.yaml", help="whose model to serve"
     )
+    ap.add_argument(
+        "--runtime",
+        choices=["torch", "onnx"],
+        default="torch",
+        help="onnx: also serve the version's model.onnx on ONNX Runtime, measured beside "
+        "the PyTorch runtime and MLflow's, and load-test that one",
+    )
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="graftline-serve-bench-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
@@ -170,94 +225,95 @@ def main() -> None:
     }
     procs: list[subprocess.Popen] = []
     try:
-        setup(work, args.params)
+        texts = setup(work, args.params)
         (work / "params.yaml").write_text(json.dumps({"deploy": {"model_name": NAME}}))
-        gp, mp = free_port(), free_port()
         log = (work / "servers.log").open("w")
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "graftline.cli",
-                    "serve",
-                    "--port",
-                    str(gp),
-                    "--poll",
-                    "0.5",
-                    "--max-batch",
-                    "256",
-                ],
-                cwd=work,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        )
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "mlflow",
-                    "models",
-                    "serve",
-                    "-m",
-                    f"models:/{NAME}/1",
-                    "--env-manager",
-                    "local",
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    str(mp),
-                ],
-                cwd=work,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        )
-        wait(f"http://127.0.0.1:{gp}/ready", procs[0])
-        wait(f"http://127.0.0.1:{mp}/ping", procs[1])
+
+        def start(cmd: list[str]) -> subprocess.Popen:
+            proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+            procs.append(proc)
+            return proc
+
+        servers: dict[str, tuple[str, subprocess.Popen, str]] = {}  # name: url, proc, ready
+        runtimes = ["torch", "onnx"] if args.runtime == "onnx" else ["torch"]
+        for runtime in runtimes:
+            port = free_port()
+            proc = start([*GRAFTLINE_SERVE, "--port", str(port), "--runtime", runtime])
+            base = f"http://127.0.0.1:{port}"
+            servers[f"graftline {runtime}"] = (f"{base}/predict", proc, f"{base}/ready")
+        port = free_port()
+        proc = start([*MLFLOW_SERVE, f"models:/{NAME}/1", "-h", "127.0.0.1", "-p", str(port)])
+        base = f"http://127.0.0.1:{port}"
+        servers["mlflow"] = (f"{base}/invocations", proc, f"{base}/ping")
+        for _, proc, ready in servers.values():
+            wait(ready, proc)
         rng = np.random.default_rng(1)
-        one = rng.integers(0, 255, (1, 1, 28, 28)).astype(float).tolist()
-        batch = rng.integers(0, 255, (64, 1, 28, 28)).astype(float).tolist()
-        g_url, m_url = f"http://127.0.0.1:{gp}/predict", f"http://127.0.0.1:{mp}/invocations"
-        bodies = {
-            n: json.dumps({"inputs": x}).encode() for n, x in (("one", one), ("batch", batch))
-        }
-        with httpx.Client(timeout=30) as c:
-            for u in (g_url, m_url):  # warm-up
-                latency(c, u, bodies["one"], 50)
-                latency(c, u, bodies["batch"], 5)
-            g_lat, m_lat = [], []
-            for _ in range(4):  # interleaved blocks, so machine drift hits both
-                g_lat.append(latency(c, g_url, bodies["one"], args.single // 4))
-                m_lat.append(latency(c, m_url, bodies["one"], args.single // 4))
-            g_lat, m_lat = np.concatenate(g_lat), np.concatenate(m_lat)
-            g_b, m_b = [], []
+        bodies: dict[str, dict[str, bytes]] = {}
+        if texts is None:
+            one = rng.integers(0, 255, (1, 1, 28, 28)).astype(float).tolist()
+            batch = rng.integers(0, 255, (64, 1, 28, 28)).astype(float).tolist()
+            for name in servers:
+                bodies[name] = {
+                    n: json.dumps({"inputs": x}).encode()
+                    for n, x in (("one", one), ("batch", batch))
+                }
+        else:
+            picked = {"one": texts[:1], "batch": texts[1:65]}
+            for name in servers:
+                bodies[name] = {
+                    n: json.dumps(
+                        {"dataframe_records": [{"text": t} for t in x]}
+                        if name == "mlflow"
+                        else {"texts": x}
+                    ).encode()
+                    for n, x in picked.items()
+                }
+        lat: dict[str, list[np.ndarray]] = {n: [] for n in servers}
+        per_batch: dict[str, list[np.ndarray]] = {n: [] for n in servers}
+        with httpx.Client(timeout=60) as c:
+            for name, (url, _, _) in servers.items():  # warm-up
+                latency(c, url, bodies[name]["one"], 50)
+                latency(c, url, bodies[name]["batch"], 5)
+            for _ in range(4):  # interleaved blocks, so machine drift hits all alike
+                for name, (url, _, _) in servers.items():
+                    lat[name].append(latency(c, url, bodies[name]["one"], args.single // 4))
             for _ in range(4):
-                g_b.append(latency(c, g_url, bodies["batch"], args.batches // 4))
-                m_b.append(latency(c, m_url, bodies["batch"], args.batches // 4))
-            g_tp = 64 * 1000 / np.concatenate(g_b).mean()
-            m_tp = 64 * 1000 / np.concatenate(m_b).mean()
-        print(f"single image, {len(g_lat)} sequential requests each (ms):")
+                for name, (url, _, _) in servers.items():
+                    per_batch[name].append(
+                        latency(c, url, bodies[name]["batch"], args.batches // 4)
+                    )
+        kind = "text" if texts is not None else "image"
+        p50 = {n: np.percentile(np.concatenate(v), 50) for n, v in lat.items()}
+        p99 = {n: np.percentile(np.concatenate(v), 99) for n, v in lat.items()}
+        tp = {n: 64 * 1000 / np.concatenate(v).mean() for n, v in per_batch.items()}
+        print(f"single {kind}, {args.single} sequential requests each (ms):")
+        for n in servers:
+            print(f"  {n:16s} p50 {p50[n]:7.2f}  p99 {p99[n]:7.2f}")
         print(
-            f"  graftline  p50 {np.percentile(g_lat, 50):6.2f}  p99 {np.percentile(g_lat, 99):6.2f}"
+            f"  ratio p50 graftline torch/mlflow: {p50['graftline torch'] / p50['mlflow']:.2f} "
+            "(target <= 1.0)"
         )
+        if "graftline onnx" in servers:
+            print(
+                f"  ratio p50 graftline onnx/torch: "
+                f"{p50['graftline onnx'] / p50['graftline torch']:.2f} (target <= 0.7)"
+            )
+        print(f"batches of 64, {args.batches} sequential requests each ({kind}s/s):")
+        print("  " + "   ".join(f"{n} {tp[n]:8.0f}" for n in servers))
         print(
-            f"  mlflow     p50 {np.percentile(m_lat, 50):6.2f}  p99 {np.percentile(m_lat, 99):6.2f}"
+            f"  ratio graftline torch/mlflow {tp['graftline torch'] / tp['mlflow']:.2f} "
+            "(target >= 2.0)"
+            + (
+                f", onnx/torch {tp['graftline onnx'] / tp['graftline torch']:.2f}"
+                if "graftline onnx" in servers
+                else ""
+            )
         )
+        g_url = servers[f"graftline {runtimes[-1]}"][0]
+        name = f"graftline {runtimes[-1]}"
+        res = load_test(g_url, bodies[name]["one"], args.load, args.concurrency, args.load // 2)
         print(
-            f"  ratio p50 graftline/mlflow: {np.percentile(g_lat, 50) / np.percentile(m_lat, 50):.2f} (target <= 1.0)"
-        )
-        print(f"batches of 64, {args.batches} sequential requests each (images/s):")
-        print(
-            f"  graftline {g_tp:8.0f}   mlflow {m_tp:8.0f}   ratio {g_tp / m_tp:.2f} (target >= 2.0)"
-        )
-        res = load_test(g_url, bodies["one"], args.load, args.concurrency, args.load // 2)
-        print(
-            f"load test: {args.load} single-image requests at concurrency {args.concurrency} "
+            f"load test ({name}): {args.load} single-{kind} requests at concurrency {args.concurrency} "
             f"in {res['seconds']:.1f} s ({args.load / res['seconds']:.0f} req/s), "
             f"champion moved v1 -> v2 at request {args.load // 2}"
         )
