@@ -199,3 +199,71 @@ def export_checked(
         diff,
     )
     return diff
+
+
+HF_DIR = "huggingface"
+
+
+def hf_tokenizer(transform: dict[str, Any]) -> Any:
+    """A text transform's tokenizer as a ``transformers`` fast tokenizer (the same
+    ``tokenizer.json``, its special tokens named, truncating at ``max_len``), which
+    ``AutoTokenizer.from_pretrained`` loads back from a saved folder."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from graftline.data.text import BOS, EOS, MASK, PAD, UNK
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(transform["tokenizer"]),
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=PAD,
+        mask_token=MASK,
+        model_max_length=int(transform["max_len"]),
+        padding_side="right",
+        truncation_side="right",
+    )
+
+
+def export_huggingface_backbone(
+    backbone: nn.Module, transform: dict[str, Any], folder: Path, ids: np.ndarray
+) -> float:
+    """Save a text backbone (its ``transformers`` model) and its tokenizer in Hugging
+    Face's format in ``folder`` (safetensors; written beside, then moved into place), so
+    ``AutoModel.from_pretrained(folder)`` and ``AutoTokenizer.from_pretrained(folder)`` load
+    it offline. Checked on token rows ``ids`` (``(N, max_len)``, padded): the reloaded
+    model's hidden states against the backbone's, and the saved tokenizer's ids against
+    graftline's on their texts; returns the largest difference of the states."""
+    import shutil
+
+    from transformers import AutoModel, AutoTokenizer
+
+    from graftline.serve.predict import encode_texts
+
+    inner = backbone.model  # type: ignore[attr-defined]
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        inner.save_pretrained(tmp, safe_serialization=True)
+        hf_tokenizer(transform).save_pretrained(tmp)
+        loaded = AutoModel.from_pretrained(tmp, local_files_only=True).eval()
+        tok = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+        texts = tok.batch_decode(ids, skip_special_tokens=True)
+        ours, _ = encode_texts(transform, texts)
+        theirs = tok(texts, padding="max_length", truncation=True, return_tensors="np")
+        if not np.array_equal(theirs["input_ids"], ours):
+            raise ExportError("the saved tokenizer encodes the texts otherwise than graftline")
+        x = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+        mask = x != int(transform["pad_id"])
+        with torch.no_grad():
+            ref = backbone.hidden({"input_ids": x, "attention_mask": mask})  # type: ignore[attr-defined]
+            got = loaded(input_ids=x, attention_mask=mask.long()).last_hidden_state
+        diff = float((ref - got)[mask].abs().max())
+        if not diff <= DEFAULT_TOLERANCE:
+            raise ExportError(f"the reloaded Hugging Face model differs by {diff:.3g}")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return diff

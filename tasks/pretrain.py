@@ -128,6 +128,12 @@ def run(
             "metrics": metrics,
         },
     )
+    if is_text_data(train):  # for any Hugging Face tool: AutoModel + AutoTokenizer
+        from graftline.export import HF_DIR, export_huggingface_backbone
+
+        export_huggingface_backbone(
+            model.backbone, train.transform, out / HF_DIR, np.asarray(val.images[:64])
+        )
     write_history(reports / "history.csv", result.history)
     write_json(reports / "metrics.json", metrics)
     shutil.rmtree(resume.parent, ignore_errors=True)

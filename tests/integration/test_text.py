@@ -71,6 +71,12 @@ def test_text_trains_through_the_flow_and_serves_as_evaluated(
     history = pd.read_csv(repo / "reports/pretrain/history.csv")
     assert {"val_perplexity", "val_knn_acc"} <= set(history.columns)
     assert (repo / "data/processed/task/tokenizer.json").exists()
+    # the pretrained backbone, for any Hugging Face tool (a DVC output of pretrain)
+    from transformers import AutoModel, AutoTokenizer
+
+    hf = repo / "models/pretrained/huggingface"
+    assert type(AutoModel.from_pretrained(hf, local_files_only=True)).__name__ == "LlamaModel"
+    assert AutoTokenizer.from_pretrained(hf, local_files_only=True)("好")["input_ids"][0] == 2
 
     evaluated = pd.read_csv(repo / "reports/evaluate/predictions.csv")
     texts = json.loads((repo / "data/processed/task/test.texts.json").read_text())

@@ -124,3 +124,39 @@ def test_an_export_that_disagrees_fails_and_leaves_no_file(tmp_path: Path) -> No
     with pytest.raises(ExportError, match=r"differ from PyTorch's by .* \(tolerance 1e-30\)"):
         export_checked(model, images(8), path, tolerance=1e-30)
     assert not path.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_a_text_backbone_saved_for_hugging_face_loads_back_equal(arch: str, tmp_path: Path) -> None:
+    from transformers import AutoModel, AutoTokenizer
+
+    from graftline.config import TokenizerParams
+    from graftline.data.text import token_spec, train_tokenizer
+    from graftline.export import export_huggingface_backbone
+    from graftline.serve.predict import encode_texts
+
+    texts = ["great coffee 好吃", "awful tea, stale biscuits", "ok 😀 " * 20, "fine"] * 3
+    p = TokenizerParams(vocab_size=300, max_len=16)
+    spec = token_spec(train_tokenizer(texts, p), p, 100)
+    cfg = {"arch": arch, "dim": 16, "depth": 1, "heads": 2, "mlp_ratio": 2.0}
+    cfg = {**cfg, "dropout": 0.0, "pool": "mean", **{k: spec[k] for k in TEXT}}
+    torch.manual_seed(0)
+    backbone = build_classifier(cfg, 1, 16, 0).backbone.eval()
+    folder = tmp_path / "huggingface"
+    assert export_huggingface_backbone(backbone, spec, folder, encode_texts(spec, texts)[0]) < 1e-4
+    assert (folder / "model.safetensors").exists() and not list(folder.glob("*.bin"))
+    # as a user of any Hugging Face tool would load it: offline, no remote code
+    model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    assert type(model).__name__ == {"llama": "LlamaModel", "bert": "BertModel"}[arch]
+    batch = tok(texts[:3], padding=True, truncation=True, return_tensors="pt")
+    ids, _ = encode_texts(spec, texts[:3])
+    assert batch["input_ids"].tolist() == ids[:, : batch["input_ids"].shape[1]].tolist()
+    with torch.no_grad():
+        theirs = model(**batch).last_hidden_state
+        ours = backbone.hidden(
+            {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"].bool()}
+        )
+    real = batch["attention_mask"].bool()
+    assert float((theirs - ours)[real].abs().max()) < 1e-4
+    assert tok.decode(tok(texts[0])["input_ids"], skip_special_tokens=True) == texts[0]
