@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from graftline.data.modules import DataModule
+from graftline.serve.predict import encode_texts
 
 log = logging.getLogger(__name__)
 
@@ -238,8 +239,6 @@ def export_huggingface_backbone(
     import shutil
 
     from transformers import AutoModel, AutoTokenizer
-
-    from graftline.serve.predict import encode_texts
 
     inner = backbone.model  # type: ignore[attr-defined]
     tmp = folder.with_name(f".{folder.name}.tmp")

@@ -18,6 +18,7 @@ from graftline.data.modules import data_module
 from graftline.data.store import load_split, read_manifest
 from graftline.data.text import is_text_data
 from graftline.errors import DataError
+from graftline.export import HF_DIR, export_huggingface_backbone
 from graftline.io import write_json
 from graftline.models import build_classifier, save_checkpoint
 from graftline.models.classifier import input_dims
@@ -129,8 +130,6 @@ def run(
         },
     )
     if is_text_data(train):  # for any Hugging Face tool: AutoModel + AutoTokenizer
-        from graftline.export import HF_DIR, export_huggingface_backbone
-
         export_huggingface_backbone(
             model.backbone, train.transform, out / HF_DIR, np.asarray(val.images[:64])
         )
