@@ -18,9 +18,11 @@ exporter is deprecated) and checked against PyTorch's logits before it is used.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,24 @@ def _batches(module: DataModule, size: int) -> Iterator[dict[str, torch.Tensor] 
         yield module.to_device(batch, cpu).inputs
 
 
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter's own chatter off the console: a line per optimisation pass (onnxscript,
+    onnx_ir at INFO), torchvision's absent operators, a deprecation inside torch.export."""
+    names = ("onnxscript", "onnx_ir", "torch.onnx")
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
+
+
 def export_onnx(model: nn.Module, module: DataModule, path: Path) -> Path:
     """Write ``model`` as ONNX to ``path`` (atomically), traced on a batch of ``module``
     (the items it is checked on next); returns ``path``."""
@@ -90,7 +110,7 @@ def export_onnx(model: nn.Module, module: DataModule, path: Path) -> Path:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_exporter():
             program = torch.onnx.export(
                 wrapped,
                 args,
