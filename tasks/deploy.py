@@ -269,10 +269,11 @@ def model_card(
     promoted: bool,
     lineage: dict[str, str],
     metrics: dict[str, Any],
+    exports: dict[str, str] | None = None,
 ) -> str:
     """The registered version's description in the MLflow UI: what the model is, the data
     it learnt from, its test figures against the baselines and the champion, the gate's
-    decision, and how to rebuild it."""
+    decision, its exports, and how to rebuild it."""
     from graftline.data.store import read_manifest
     from graftline.data.text import describe_text_transform
     from graftline.data.transforms import describe_transform
@@ -353,6 +354,16 @@ def model_card(
         + (f", McNemar p={decision.p_value:.3g}" if decision.p_value is not None else "")
         + ").",
         "",
+        *(
+            [
+                "**Exports.** `model.onnx` (ONNX Runtime: `graftline serve --runtime onnx`), "
+                f"{int(exports['graftline.export.onnx_bytes']):,} bytes, its logits within "
+                f"{exports['graftline.export.onnx_max_abs_diff']} of PyTorch's on the test items.",
+                "",
+            ]
+            if exports and "graftline.export.onnx_bytes" in exports
+            else []
+        ),
         "**Reproduce.** "
         f"`graftline reproduce {version}` rebuilds it from git commit "
         f"`{lineage.get('graftline.git_commit', '?')}` and the data above (DVC), and compares "
@@ -518,7 +529,9 @@ def run(
     metrics_path = root / paths.METRICS
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     markdown = report_markdown(metrics, decision, p.model_name, version, promoted)
-    card = model_card(root, params, version, decision, promoted, lineage, metrics)
+    card = model_card(
+        root, params, version, decision, promoted, lineage, metrics, packaged.export_tags
+    )
     registry.client.update_model_version(p.model_name, version, description=card)
     markdown += log_report(root, p.model_name, version, decision, promoted, metrics, packaged)
     log.info(

@@ -284,7 +284,7 @@ def test_a_vision_transformer_goes_through_registry_and_service_like_the_cnn(
     deployed = deploy_once(sqlite_root)
     assert deployed["promoted"], deployed["decision"].reason  # the gate scored it via MLflow
     card = Registry("blobs").version(deployed["version"]).description
-    assert "Backbone `vit`" in card
+    assert "Backbone `vit`" in card and "**Exports.** `model.onnx`" in card
     test = blobs(10, 21)
     inputs = {"inputs": [im.ravel().tolist() for im in test.images]}
     answers = {}
