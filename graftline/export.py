@@ -19,6 +19,7 @@ exporter is deprecated) and checked against PyTorch's logits before it is used.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import tempfile
@@ -281,6 +282,72 @@ def export_huggingface_backbone(
         diff = float((ref - got)[mask].abs().max())
         if not diff <= DEFAULT_TOLERANCE:
             raise ExportError(f"the reloaded Hugging Face model differs by {diff:.3g}")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return diff
+
+
+# Which Hugging Face class a text classifier is, by its backbone and pooling: those whose
+# head graftline builds exactly as Hugging Face does. A mean-pooled model has no such class.
+HF_CLASSIFIERS = {("llama", "last"): "LlamaForSequenceClassification"}
+HF_CLASSIFIERS[("bert", "cls")] = "BertForSequenceClassification"
+
+
+def hf_classifier_class(model: nn.Module) -> str | None:
+    """The ``transformers`` class a text classifier exports as, or None (mean pooling)."""
+    backbone = getattr(model, "backbone", None)
+    return HF_CLASSIFIERS.get((getattr(backbone, "arch", ""), getattr(backbone, "pool", "")))
+
+
+def export_huggingface_classifier(
+    model: nn.Module, classes: list[str], transform: dict[str, Any], folder: Path, ids: np.ndarray
+) -> float:
+    """Save a text classifier as the ``transformers`` sequence-classification model it is
+    (``LlamaForSequenceClassification`` for a decoder read at its last token,
+    ``BertForSequenceClassification`` for an encoder read at ``[CLS]`` through its pooler),
+    with ``id2label``/``label2id`` from ``classes`` and its tokenizer, in ``folder``; checked:
+    ``AutoModelForSequenceClassification`` reloads it with logits equal to graftline's on the
+    token rows ``ids``. Returns the largest logit difference."""
+    import shutil
+
+    import transformers
+    from transformers import AutoModelForSequenceClassification
+
+    name = hf_classifier_class(model)
+    if name is None:
+        raise ExportError(
+            "a mean-pooled text classifier has no Hugging Face sequence-classification class "
+            "(use pool: last for llama, pool: cls for bert)"
+        )
+    backbone = model.backbone  # type: ignore[attr-defined]
+    config = copy.deepcopy(backbone.model.config)
+    config.num_labels = len(classes)
+    config.id2label = dict(enumerate(classes))
+    config.label2id = {c: i for i, c in enumerate(classes)}
+    config.pad_token_id = int(transform["pad_id"])
+    config.architectures = [name]
+    hf = getattr(transformers, name)(config).eval()
+    base = hf.model if name.startswith("Llama") else hf.bert
+    base.load_state_dict(backbone.model.state_dict())
+    (hf.score if name.startswith("Llama") else hf.classifier).load_state_dict(
+        model.head.state_dict()  # type: ignore[attr-defined]
+    )
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        hf.save_pretrained(tmp, safe_serialization=True)
+        hf_tokenizer(transform).save_pretrained(tmp)
+        loaded = AutoModelForSequenceClassification.from_pretrained(tmp, local_files_only=True)
+        x = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+        mask = x != int(transform["pad_id"])
+        with torch.no_grad():
+            ours = model.eval()({"input_ids": x, "attention_mask": mask})
+            theirs = loaded.eval()(input_ids=x, attention_mask=mask.long()).logits
+        diff = float((ours - theirs).abs().max())
+        if not diff <= DEFAULT_TOLERANCE:
+            raise ExportError(f"the reloaded {name} differs from graftline's logits by {diff:.3g}")
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     finally:

@@ -364,6 +364,17 @@ def model_card(
             if exports and "graftline.export.onnx_bytes" in exports
             else []
         ),
+        *(
+            [
+                f"Hugging Face: `{exports['graftline.export.huggingface']}` in the artifact "
+                "folder `huggingface/` (with its tokenizer and label names): "
+                "`AutoModelForSequenceClassification.from_pretrained` loads it offline.",
+                "",
+            ]
+            if exports
+            and exports.get("graftline.export.huggingface", "none").endswith("Classification")
+            else []
+        ),
         "**Reproduce.** "
         f"`graftline reproduce {version}` rebuilds it from git commit "
         f"`{lineage.get('graftline.git_commit', '?')}` and the data above (DVC), and compares "
@@ -399,6 +410,40 @@ def already_registered(
         if mv.tags.get(tag) == md5:
             return str(mv.version)
     return None
+
+
+def export_huggingface(
+    checkpoint: Path, test: Any, folder: Path
+) -> tuple[Path | None, dict[str, str]]:
+    """A text checkpoint as its ``transformers`` sequence-classification model (with its
+    tokenizer and label names) in ``folder/huggingface``, checked against graftline's logits
+    on the test split; ``None`` for a mean-pooled model, which no Hugging Face class reads
+    (its tag says so). A failed check is an :class:`ArtifactError`."""
+    from graftline.export import (
+        HF_DIR,
+        ExportError,
+        export_huggingface_classifier,
+        hf_classifier_class,
+    )
+    from graftline.models.checkpoint import load_checkpoint
+
+    model, ckpt = load_checkpoint(checkpoint)
+    name = hf_classifier_class(model)
+    if name is None:
+        return None, {
+            "graftline.export.huggingface": "none: a mean-pooled model has no Hugging Face "
+            "class (pool: last for llama, cls for bert exports)"
+        }
+    try:
+        diff = export_huggingface_classifier(
+            model, list(ckpt["classes"]), test.transform, folder / HF_DIR, test.images[:256]
+        )
+    except ExportError as err:
+        raise ArtifactError(f"{checkpoint}: {err}; nothing was registered") from None
+    return folder / HF_DIR, {
+        "graftline.export.huggingface": name,
+        "graftline.export.huggingface_max_abs_diff": f"{diff:.3g}",
+    }
 
 
 @dataclass
@@ -474,6 +519,11 @@ def package(params: Params, root: Path = Path(".")) -> Packaged:
             exports["onnx"], export_tags = export_onnx(
                 checkpoint, test, Path(tmp), params.deploy.export.tolerance
             )
+        if test.transform.get("kind") == "text":
+            folder, hf_tags = export_huggingface(checkpoint, test, Path(tmp))
+            export_tags |= hf_tags
+            if folder is not None:
+                exports["huggingface"] = folder
         info = log_model(checkpoint, images[:1], exports)
     # Score what was logged, loaded back through MLflow: this is what will serve, and a
     # partial write fails here, before any alias moves.

@@ -50,8 +50,9 @@ class Classifier(nn.Module):
     def __init__(self, backbone: nn.Module, num_classes: int) -> None:
         super().__init__()
         self.backbone = backbone
+        bias = getattr(backbone, "head_bias", True)
         self.head: nn.Module = (
-            nn.Linear(backbone.out_features, num_classes) if num_classes else nn.Identity()
+            nn.Linear(backbone.out_features, num_classes, bias=bias) if num_classes else nn.Identity()
         )
 
     def forward(self, x: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:

@@ -96,11 +96,16 @@ class TextBackbone(nn.Module):
                 type_vocab_size=1,
                 pad_token_id=pad_id,
             )
-            self.model = BertModel(config, add_pooling_layer=False)
+            # pool cls: BERT's own pooler (a dense layer and tanh over [CLS]), the feature
+            # BertForSequenceClassification classifies; mean: no pooler.
+            self.model = BertModel(config, add_pooling_layer=pool == "cls")
         else:
             raise ValueError(f"unknown text architecture {arch!r} (known: llama, bert)")
         self.out_features = dim
         self.lora_targets = LORA_TARGETS[arch]
+        # A decoder read at its last token gets LlamaForSequenceClassification's head (no
+        # bias), so the classifier exports as that class with equal logits.
+        self.head_bias = not (arch == "llama" and pool == "last")
 
     def hidden(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Each token's last hidden state, ``(N, T, dim)``."""
@@ -114,7 +119,8 @@ class TextBackbone(nn.Module):
             last = mask.long().sum(1).clamp_min(1) - 1
             return states[torch.arange(states.shape[0], device=states.device), last]
         if self.pool == "cls":
-            return states[:, 0]
+            pooler = getattr(self.model, "pooler", None)
+            return states[:, 0] if pooler is None else pooler(states)
         weights = mask.unsqueeze(-1).to(states.dtype)
         return (states * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 

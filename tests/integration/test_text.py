@@ -32,7 +32,14 @@ TEXT_PARAMS = {
     },
     "pretrain": {
         "objective": "causal_lm",
-        "model": {"arch": "llama", "dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0},
+        "model": {
+            "arch": "llama",
+            "dim": 32,
+            "depth": 1,
+            "heads": 2,
+            "mlp_ratio": 2.0,
+            "pool": "last",  # LlamaForSequenceClassification's reading: it exports as one
+        },
         "train": {"epochs": 1, "batch_size": 32, "lr": 0.003, "num_threads": 1},
     },
     "finetune": {
@@ -100,6 +107,8 @@ def test_text_trains_through_the_flow_and_serves_as_evaluated(
     version = MlflowClient().get_model_version(name, "1")
     assert "Input: texts; tokenizer byte-level BPE with 800 tokens" in version.description
     assert float(version.tags["graftline.export.onnx_max_abs_diff"]) < 1e-4
+    assert version.tags["graftline.export.huggingface"] == "LlamaForSequenceClassification"
+    assert_hugging_face_answers_as(name, "1", texts_some, expected)
     follower = ChampionFollower(name, MlflowClient(), poll_seconds=3600)
     with TestClient(create_app(follower, max_batch=8)) as c:
         assert c.get("/ready").json()["input"] == "text"
@@ -136,6 +145,24 @@ def test_text_trains_through_the_flow_and_serves_as_evaluated(
     assert "texts: field required (this model reads texts" in refused["pixels"].json()["detail"]
 
 
+def assert_hugging_face_answers_as(
+    name: str, version: str, texts: list[str], expected: list[str]
+) -> None:
+    """The version's Hugging Face folder, loaded by ``transformers`` alone (offline, no
+    graftline code), classifies ``texts`` as ``expected``."""
+    import mlflow
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    root = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}"))
+    (folder,) = [p.parent for p in root.rglob("config.json") if p.parent.name == "huggingface"]
+    model = AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    with torch.no_grad():
+        logits = model.eval()(**tok(texts, padding=True, truncation=True, return_tensors="pt"))
+    assert [model.config.id2label[i] for i in logits.logits.argmax(1).tolist()] == expected
+
+
 def test_a_text_model_answers_alike_on_onnx_runtime(text_root: Path) -> None:
     """The registered text model's model.onnx (dynamic batch and sequence), tokenized by
     the same tokenizer: the service and batch prediction answer as on PyTorch."""
@@ -157,3 +184,4 @@ def test_a_text_model_answers_alike_on_onnx_runtime(text_root: Path) -> None:
     assert pd.read_csv(text_root / "o.csv")["class"].astype(str).tolist() == [
         a["class"] for a in answers["torch"]
     ]
+    assert_hugging_face_answers_as("blob-texts", "1", texts, [a["class"] for a in answers["torch"]])

@@ -160,3 +160,44 @@ def test_a_text_backbone_saved_for_hugging_face_loads_back_equal(arch: str, tmp_
     real = batch["attention_mask"].bool()
     assert float((theirs - ours)[real].abs().max()) < 1e-4
     assert tok.decode(tok(texts[0])["input_ids"], skip_special_tokens=True) == texts[0]
+
+
+@pytest.mark.parametrize(("arch", "pool"), [("llama", "last"), ("bert", "cls"), ("llama", "mean")])
+def test_a_text_classifier_exports_as_its_hugging_face_class(
+    arch: str, pool: str, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from graftline.config import TokenizerParams
+    from graftline.data.text import token_spec, train_tokenizer
+    from graftline.export import export_huggingface_classifier
+    from graftline.serve.predict import encode_texts
+
+    texts = ["great coffee 好吃", "awful tea, stale biscuits", "ok 😀 " * 20, "fine"] * 3
+    p = TokenizerParams(vocab_size=300, max_len=16)
+    spec = token_spec(train_tokenizer(texts, p), p, 100)
+    cfg = {"arch": arch, "dim": 16, "depth": 2, "heads": 2, "mlp_ratio": 2.0}
+    cfg = {**cfg, "dropout": 0.0, "pool": pool, **{k: spec[k] for k in TEXT}}
+    torch.manual_seed(0)
+    model = build_classifier(cfg, 1, 16, 3).eval()
+    classes = ["great", "other", "meh"]
+    folder = tmp_path / "hf"
+    ids = encode_texts(spec, texts)[0]
+    if pool == "mean":  # no Hugging Face class reads the mean of the states
+        with pytest.raises(ExportError, match="mean-pooled"):
+            export_huggingface_classifier(model, classes, spec, folder, ids)
+        assert not folder.exists()
+        return
+    assert export_huggingface_classifier(model, classes, spec, folder, ids) < 1e-4
+    hf = AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    assert hf.config.id2label == {0: "great", 1: "other", 2: "meh"}
+    assert hf.config.label2id["meh"] == 2
+    batch = tok(texts, padding=True, truncation=True, return_tensors="pt")
+    probs = predict_frame(model, classes, texts, transform=spec)
+    with torch.no_grad():
+        logits = hf.eval()(**batch).logits
+    assert [classes[i] for i in logits.argmax(1).tolist()] == probs["class"].tolist()
+    np.testing.assert_allclose(
+        torch.softmax(logits, 1)[:, 0].numpy(), probs["p_great"].to_numpy(), atol=1e-5
+    )
