@@ -1,4 +1,6 @@
-"""Exports of a trained classifier for runtimes that are not graftline: ONNX.
+"""Exports of a trained classifier for runtimes that are not graftline: ONNX, and Hugging
+Face's format for text models (their backbone, and the classifier where Hugging Face has a
+class with the same head).
 
 ``model.onnx`` computes the classifier's logits from the tensors its data module feeds the
 PyTorch model, so both runtimes share everything before them (decoding, the recorded input
@@ -22,9 +24,10 @@ import contextlib
 import copy
 import logging
 import os
+import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +83,7 @@ def _quiet_exporter() -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", UserWarning)
             yield
     finally:
         for n, level in levels.items():
@@ -157,6 +161,9 @@ class OnnxClassifier:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        # No busy-waiting between runs: it would take the cores from the server's other
+        # threads (and from torch's, which decodes and tokenizes around it).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=_providers())
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -172,6 +179,33 @@ class OnnxClassifier:
             feed = {self.input_names[0]: np.ascontiguousarray(inputs.cpu().numpy())}
         (logits,) = self.session.run(["logits"], feed)
         return torch.from_numpy(logits)
+
+    def _proba(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        (logits,) = self.session.run(["logits"], feed)
+        z = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def proba_pixels(self, pixels: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        """Class probabilities of float pixels ``(N, C, H, W)`` in [0, 255], numpy end to
+        end (the serving hot path: no torch op between the request and ONNX Runtime)."""
+        out = [
+            self._proba(
+                {self.input_names[0]: np.asarray(pixels[i : i + batch_size], np.float32) / 255.0}
+            )
+            for i in range(0, len(pixels), batch_size)
+        ]
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+    def proba_tokens(self, ids: np.ndarray, pad_id: int, batch_size: int = 256) -> np.ndarray:
+        """Class probabilities of right-padded token rows ``(N, max_len)``, each batch cut
+        to its longest row as the data module cuts it."""
+        out = []
+        for i in range(0, len(ids), batch_size):
+            rows = np.asarray(ids[i : i + batch_size], dtype=np.int64)
+            used = np.flatnonzero((rows != pad_id).any(axis=0))
+            rows = np.ascontiguousarray(rows[:, : int(used[-1]) + 1 if len(used) else 1])
+            out.append(self._proba({"input_ids": rows, "attention_mask": rows != pad_id}))
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
 def logits_difference(model: nn.Module, onnx_model: OnnxClassifier, module: DataModule) -> float:
@@ -248,45 +282,64 @@ def hf_tokenizer(transform: dict[str, Any]) -> Any:
     )
 
 
-def export_huggingface_backbone(
-    backbone: nn.Module, transform: dict[str, Any], folder: Path, ids: np.ndarray
+def _write_checked(
+    folder: Path,
+    model: Any,
+    transform: dict[str, Any],
+    ids: np.ndarray,
+    auto: Any,
+    difference: Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> float:
-    """Save a text backbone (its ``transformers`` model) and its tokenizer in Hugging
-    Face's format in ``folder`` (safetensors; written beside, then moved into place), so
-    ``AutoModel.from_pretrained(folder)`` and ``AutoTokenizer.from_pretrained(folder)`` load
-    it offline. Checked on token rows ``ids`` (``(N, max_len)``, padded): the reloaded
-    model's hidden states against the backbone's, and the saved tokenizer's ids against
-    graftline's on their texts; returns the largest difference of the states."""
-    import shutil
+    """Save a ``transformers`` model and the transform's tokenizer beside ``folder``, load
+    both back as a user would (``auto.from_pretrained``, ``AutoTokenizer``, offline), check
+    them on the token rows ``ids`` (the tokenizer's ids of their texts against graftline's;
+    ``difference(loaded, input_ids, attention_mask)`` for the model), and only then move the
+    folder into place. Returns the largest absolute difference."""
+    from transformers import AutoTokenizer
 
-    from transformers import AutoModel, AutoTokenizer
-
-    inner = backbone.model  # type: ignore[attr-defined]
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        inner.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True)
         hf_tokenizer(transform).save_pretrained(tmp)
-        loaded = AutoModel.from_pretrained(tmp, local_files_only=True).eval()
         tok = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
         texts = tok.batch_decode(ids, skip_special_tokens=True)
-        ours, _ = encode_texts(transform, texts)
         theirs = tok(texts, padding="max_length", truncation=True, return_tensors="np")
-        if not np.array_equal(theirs["input_ids"], ours):
+        if not np.array_equal(theirs["input_ids"], encode_texts(transform, texts)[0]):
             raise ExportError("the saved tokenizer encodes the texts otherwise than graftline")
+        loaded = auto.from_pretrained(tmp, local_files_only=True).eval()
         x = torch.from_numpy(np.asarray(ids, dtype=np.int64))
         mask = x != int(transform["pad_id"])
         with torch.no_grad():
-            ref = backbone.hidden({"input_ids": x, "attention_mask": mask})  # type: ignore[attr-defined]
-            got = loaded(input_ids=x, attention_mask=mask.long()).last_hidden_state
-        diff = float((ref - got)[mask].abs().max())
+            diff = float(difference(loaded, x, mask).abs().max())
         if not diff <= DEFAULT_TOLERANCE:
-            raise ExportError(f"the reloaded Hugging Face model differs by {diff:.3g}")
+            raise ExportError(
+                f"the reloaded {type(loaded).__name__} differs from graftline by {diff:.3g}"
+            )
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return diff
+
+
+def export_huggingface_backbone(
+    backbone: nn.Module, transform: dict[str, Any], folder: Path, ids: np.ndarray
+) -> float:
+    """Save a text backbone (its ``transformers`` model) and its tokenizer in Hugging
+    Face's format in ``folder`` (safetensors), so ``AutoModel.from_pretrained(folder)`` and
+    ``AutoTokenizer.from_pretrained(folder)`` load it offline; checked on the token rows
+    ``ids`` (``(N, max_len)``, padded): the reloaded model's hidden states against the
+    backbone's. Returns their largest difference."""
+    from transformers import AutoModel
+
+    def difference(loaded: Any, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ours = backbone.hidden({"input_ids": x, "attention_mask": mask})  # type: ignore[operator]
+        theirs = loaded(input_ids=x, attention_mask=mask.long()).last_hidden_state
+        return (ours - theirs)[mask]
+
+    inner = backbone.model  # type: ignore[attr-defined]
+    return _write_checked(folder, inner, transform, ids, AutoModel, difference)
 
 
 # Which Hugging Face class a text classifier is, by its backbone and pooling: those whose
@@ -310,8 +363,6 @@ def export_huggingface_classifier(
     with ``id2label``/``label2id`` from ``classes`` and its tokenizer, in ``folder``; checked:
     ``AutoModelForSequenceClassification`` reloads it with logits equal to graftline's on the
     token rows ``ids``. Returns the largest logit difference."""
-    import shutil
-
     import transformers
     from transformers import AutoModelForSequenceClassification
 
@@ -334,22 +385,11 @@ def export_huggingface_classifier(
     (hf.score if name.startswith("Llama") else hf.classifier).load_state_dict(
         model.head.state_dict()  # type: ignore[attr-defined]
     )
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        hf.save_pretrained(tmp, safe_serialization=True)
-        hf_tokenizer(transform).save_pretrained(tmp)
-        loaded = AutoModelForSequenceClassification.from_pretrained(tmp, local_files_only=True)
-        x = torch.from_numpy(np.asarray(ids, dtype=np.int64))
-        mask = x != int(transform["pad_id"])
-        with torch.no_grad():
-            ours = model.eval()({"input_ids": x, "attention_mask": mask})
-            theirs = loaded.eval()(input_ids=x, attention_mask=mask.long()).logits
-        diff = float((ours - theirs).abs().max())
-        if not diff <= DEFAULT_TOLERANCE:
-            raise ExportError(f"the reloaded {name} differs from graftline's logits by {diff:.3g}")
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return diff
+
+    def difference(loaded: Any, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ours = model.eval()({"input_ids": x, "attention_mask": mask})
+        return ours - loaded(input_ids=x, attention_mask=mask.long()).logits
+
+    return _write_checked(
+        folder, hf, transform, ids, AutoModelForSequenceClassification, difference
+    )

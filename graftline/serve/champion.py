@@ -22,6 +22,7 @@ from torch import nn
 from graftline.models.checkpoint import input_transform, load_checkpoint
 from graftline.registry import CHAMPION
 from graftline.serve.predict import (
+    encode_texts,
     is_text_model,
     predict_frame,
     predict_proba_pixels,
@@ -52,10 +53,15 @@ class LoadedModel:
         return predict_frame(self.model, self.classes, inputs, transform=self.transform)
 
     def predict_proba(self, pixels: np.ndarray) -> np.ndarray:
+        if hasattr(self.model, "proba_pixels"):  # ONNX Runtime: numpy end to end
+            return self.model.proba_pixels(pixels)
         return predict_proba_pixels(self.model, pixels)
 
     def predict_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities of ``texts`` and which were truncated at the model's ``max_len``."""
+        if hasattr(self.model, "proba_tokens"):
+            ids, cut = encode_texts(self.transform, texts)
+            return self.model.proba_tokens(ids, int(self.transform["pad_id"])), cut
         return text_proba(self.model, self.transform, texts)
 
 

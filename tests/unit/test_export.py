@@ -61,6 +61,10 @@ def test_image_models_export_with_a_dynamic_batch(arch: str, tmp_path: Path) -> 
     np.testing.assert_allclose(
         predict_proba(runtime, one), predict_proba(model, one), rtol=0, atol=1e-5
     )
+    pixels = images(9, seed=6).parts[0].items  # the service's numpy path, uint8 pixels
+    np.testing.assert_allclose(
+        runtime.proba_pixels(pixels, batch_size=4), predict_proba(model, pixels), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize(("arch", "pool"), [("llama", "last"), ("bert", "mean")])
@@ -86,6 +90,12 @@ def test_text_models_export_with_dynamic_batch_and_sequence(
     # other batch sizes and lengths than the traced batch (2 rows of lengths 1 and 2)
     for n, seed in ((1, 3), (7, 4), (TEXT["max_len"], 5)):
         assert logits_difference(model, runtime, tokens(n, seed)) < 1e-4
+    rows = tokens(30, 6)
+    np.testing.assert_allclose(
+        runtime.proba_tokens(rows.parts[0].items, 0, batch_size=8),
+        predict_proba(model, rows),
+        atol=1e-5,
+    )
 
 
 def test_texts_answer_alike_on_both_runtimes(tmp_path: Path) -> None:
