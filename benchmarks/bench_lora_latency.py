@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from graftline.config import load_params  # noqa: E402
 from graftline.models import build_classifier  # noqa: E402
-from graftline.models.lora import add_adapters, merge_adapters  # noqa: E402
+from graftline.models.lora import adapter_layers, add_adapters, merge_adapters  # noqa: E402
 
 
 def main() -> None:
@@ -43,8 +43,9 @@ def main() -> None:
     plain = build_classifier(params.pretrain.model.model_dump(), 1, 28, 10).eval()
     adapted = copy.deepcopy(plain)
     lora = params.finetune.lora
-    for layer in add_adapters(adapted.backbone, lora.targets, lora.rank, lora.alpha):
-        torch.nn.init.normal_(layer.adapter.b, std=0.02)  # as if trained: a non-zero update
+    adapted.backbone = add_adapters(adapted.backbone, lora.targets, lora.rank, lora.alpha)
+    for layer in adapter_layers(adapted):  # as if trained: a non-zero update
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.02)
     adapted.eval()
     merged = copy.deepcopy(adapted)
     merge_adapters(merged)

@@ -225,6 +225,18 @@ class TokenizerParams(_Strict):
         "count is reported, and serving says so per text)",
     )
     lowercase: bool = False
+    path: str | None = Field(
+        default=None,
+        description="a Hugging Face checkpoint folder (under checkpoints/) whose tokenizer to "
+        "use instead of training one; it must be pretrain.init.path when that is set "
+        "(vocab_size, min_frequency and lowercase then come from the checkpoint)",
+    )
+
+    @model_validator(mode="after")
+    def _inside_checkpoints(self) -> TokenizerParams:
+        if self.path is not None:
+            checkpoint_folder(self.path, "preprocess.tokenizer.path")
+        return self
 
 
 class PreprocessParams(_Strict):
@@ -494,6 +506,43 @@ class LanguageModelConfig(_Strict):
     knn_k: int = Field(default=20, ge=1, description="neighbours of the k-NN monitor")
 
 
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def checkpoint_folder(path: str, key: str) -> Path:
+    """``path`` as a folder inside the project's ``checkpoints/`` (a DVC dependency of the
+    preprocess and pretrain stages, so a changed checkpoint re-runs what depends on it)."""
+    p = Path(path)
+    if p.is_absolute() or ".." in p.parts or len(p.parts) < 2 or p.parts[0] != CHECKPOINTS_DIR:
+        raise ValueError(
+            f"{key} must be a folder under {CHECKPOINTS_DIR}/ in the project (e.g. "
+            f"{CHECKPOINTS_DIR}/tiny-bert), not {path!r}: that folder is what DVC tracks; "
+            "copy the checkpoint there"
+        )
+    return p
+
+
+class HuggingFaceInit(_Strict):
+    """Start from a pretrained Hugging Face checkpoint in a local folder instead of
+    pretraining: the pretrain stage validates it (config, safetensors weights, tokenizer),
+    records its hash and hands it to finetune. Offline; a checkpoint with code of its own
+    (``auto_map``, ``trust_remote_code``) is refused, never run."""
+
+    kind: Literal["huggingface"] = "huggingface"
+    path: str = Field(description="the checkpoint's folder, under checkpoints/")
+    pool: Literal["mean", "last", "cls"] | None = Field(
+        default=None,
+        description="the feature the head reads: last (a decoder's last real token), cls (an "
+        "encoder's first token, through its pooler when the checkpoint has one) or mean; "
+        "default last for a decoder, cls for an encoder",
+    )
+
+    @model_validator(mode="after")
+    def _inside_checkpoints(self) -> HuggingFaceInit:
+        checkpoint_folder(self.path, "pretrain.init.path")
+        return self
+
+
 class PretrainParams(_Strict):
     seed: int = 0
     objective: Literal["supervised", "mae", "contrastive", "causal_lm", "mlm"] = Field(
@@ -509,9 +558,16 @@ class PretrainParams(_Strict):
     contrastive: ContrastiveConfig = ContrastiveConfig()
     lm: LanguageModelConfig = LanguageModelConfig()
     train: TrainConfig = TrainConfig()
+    init: HuggingFaceInit | None = Field(
+        default=None,
+        description="{kind: huggingface, path: checkpoints/NAME}: start from that pretrained "
+        "checkpoint; nothing is pretrained (model, objective and train are not used)",
+    )
 
     @model_validator(mode="after")
     def _objective_fits_model(self) -> PretrainParams:
+        if self.init is not None:
+            return self
         arch, objective = self.model.arch, self.objective
         if objective == "mae" and arch != "vit":
             raise ValueError("objective mae needs model.arch vit (it masks patches)")
@@ -772,7 +828,22 @@ class Params(_Strict):
     @model_validator(mode="after")
     def _models_fit_data(self) -> Params:
         text = self.preprocess.text
+        init = self.pretrain.init
+        if init is not None:
+            if not text:
+                raise ValueError(
+                    "pretrain.init: a Hugging Face checkpoint starts a text model (llama- or "
+                    "bert-like); the pipeline's sources are images"
+                )
+            if self.preprocess.tokenizer.path != init.path:
+                raise ValueError(
+                    f"pretrain.init.path is {init.path}: its model reads that checkpoint's "
+                    f"token ids, so set preprocess.tokenizer.path: {init.path} (now "
+                    f"{self.preprocess.tokenizer.path})"
+                )
         models = {"pretrain.model": self.pretrain.model, "distill.model": self.distill.model}
+        if init is not None:
+            del models["pretrain.model"]  # the checkpoint's, not this one
         for key, model in models.items():
             if model is not None and (model.arch in TEXT_ARCHS) != text:
                 data = "texts" if text else "images"
@@ -800,7 +871,8 @@ class Params(_Strict):
     @model_validator(mode="after")
     def _supervised_needs_labels(self) -> Params:
         # A folder without class folders is found unlabelled only when read (tasks.pretrain).
-        if self.pretrain.objective == "supervised" and self.preprocess.pretrain.source.unlabelled:
+        supervised = self.pretrain.objective == "supervised" and self.pretrain.init is None
+        if supervised and self.preprocess.pretrain.source.unlabelled:
             raise ValueError(
                 "pretrain.objective: supervised needs labels, and preprocess.pretrain.source "
                 "gives none; use objective mae (arch vit) or contrastive"

@@ -65,7 +65,7 @@ def token_documents(ds: Dataset) -> list[str]:
     """Each text's token ids, ``<s>``, ``</s>`` and padding left out, as a string of words:
     what the TF-IDF baseline reads (the corpus tokenizer's tokens are its vocabulary)."""
     t = ds.transform
-    drop = np.array([t["pad_id"], t["bos_id"], t["eos_id"]])
+    drop = np.array([t[k] for k in ("pad_id", "bos_id", "eos_id") if t.get(k) is not None])
     return [" ".join(map(str, row[~np.isin(row, drop)])) for row in np.asarray(ds.images)]
 
 

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from graftline.data.modules import DataModule
+from graftline.hub import quiet_transformers
 from graftline.serve.predict import encode_texts
 
 log = logging.getLogger(__name__)
@@ -269,13 +270,17 @@ def hf_tokenizer(transform: dict[str, Any]) -> Any:
 
     from graftline.data.text import BOS, EOS, MASK, PAD, UNK
 
+    # graftline's own tokenizer's specials, or a pretrained checkpoint's (by their names)
+    specials = transform.get("special_tokens") or {
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "unk_token": UNK,
+        "pad_token": PAD,
+        "mask_token": MASK,
+    }
     return PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(transform["tokenizer"]),
-        bos_token=BOS,
-        eos_token=EOS,
-        unk_token=UNK,
-        pad_token=PAD,
-        mask_token=MASK,
+        **specials,
         model_max_length=int(transform["max_len"]),
         padding_side="right",
         truncation_side="right",
@@ -300,14 +305,15 @@ def _write_checked(
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        hf_tokenizer(transform).save_pretrained(tmp)
-        tok = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
-        texts = tok.batch_decode(ids, skip_special_tokens=True)
-        theirs = tok(texts, padding="max_length", truncation=True, return_tensors="np")
-        if not np.array_equal(theirs["input_ids"], encode_texts(transform, texts)[0]):
-            raise ExportError("the saved tokenizer encodes the texts otherwise than graftline")
-        loaded = auto.from_pretrained(tmp, local_files_only=True).eval()
+        with quiet_transformers():
+            model.save_pretrained(tmp, safe_serialization=True)
+            hf_tokenizer(transform).save_pretrained(tmp)
+            tok = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+            texts = tok.batch_decode(ids, skip_special_tokens=True)
+            theirs = tok(texts, padding="max_length", truncation=True, return_tensors="np")
+            if not np.array_equal(theirs["input_ids"], encode_texts(transform, texts)[0]):
+                raise ExportError("the saved tokenizer encodes the texts otherwise than graftline")
+            loaded = auto.from_pretrained(tmp, local_files_only=True).eval()
         x = torch.from_numpy(np.asarray(ids, dtype=np.int64))
         mask = x != int(transform["pad_id"])
         with torch.no_grad():

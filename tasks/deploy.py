@@ -261,6 +261,45 @@ def _source_text(manifest: dict[str, Any]) -> str:
     return f"`{manifest.get('source', '?')}` (fit: {fit})"
 
 
+def _pretrained_text(params: Params, lineage: dict[str, str]) -> str:
+    """How the backbone was pretrained, for the card: by graftline, or elsewhere (the
+    Hugging Face checkpoint it started from, with its hash)."""
+    if params.pretrain.init is not None:
+        return (
+            f"Started from the pretrained Hugging Face checkpoint "
+            f"`{lineage.get('graftline.init.path', params.pretrain.init.path)}` "
+            f"({lineage.get('graftline.init.model_type', '?')}, "
+            f"{lineage.get('graftline.init.architectures', '?')}, "
+            f"{lineage.get('graftline.init.weights', '?')} weights; folder sha256 "
+            f"`{lineage.get('graftline.init.sha256', '?')[:16]}`), nothing pretrained here"
+        )
+    how = {
+        "mae": "without labels (masked autoencoding) ",
+        "contrastive": "without labels (contrastive, SimCLR) ",
+        "causal_lm": "without labels (language modelling: the next token) ",
+        "mlm": "without labels (masked language modelling: 15 % of the tokens) ",
+    }.get(params.pretrain.objective, "with labels (supervised) ")
+    return f"Pretrained {how}for {params.pretrain.train.epochs} epochs"
+
+
+def start_tags(params: Params, root: Path = Path(".")) -> dict[str, str]:
+    """Which pretrained checkpoint the model started from (``graftline.init.*`` lineage
+    tags), as the pretrain stage recorded it; none when graftline pretrained it itself."""
+    from graftline.models.checkpoint import read_checkpoint
+
+    if params.pretrain.init is None:
+        return {}
+    try:
+        record = read_checkpoint(root / paths.PRETRAINED / paths.MODEL_FILE)["model_config"]["init"]
+    except (ArtifactError, KeyError):
+        return {"graftline.init.path": params.pretrain.init.path}
+    return {
+        f"graftline.init.{k}": ", ".join(v) if isinstance(v, list) else str(v)
+        for k, v in record.items()
+        if k != "kind"
+    }
+
+
 def model_card(
     root: Path,
     params: Params,
@@ -282,8 +321,9 @@ def model_card(
     name, folder = deployed(params)
     model, ckpt = load_checkpoint(root / folder / paths.MODEL_FILE)
     n_params = sum(p.numel() for p in model.parameters())
+    hidden = ("normalize", "hf_config", "init")  # shown apart, or too long for a line
     arch = ", ".join(
-        f"{k}={v}" for k, v in ckpt["model_config"].items() if v is not None and k != "normalize"
+        f"{k}={v}" for k, v in ckpt["model_config"].items() if v is not None and k not in hidden
     )
     norm = ckpt["model_config"].get("normalize")
     tf = input_transform(ckpt)
@@ -294,14 +334,9 @@ def model_card(
         "",
         "**Model.** "
         f"Backbone `{ckpt['model_config'].get('arch', '?')}` ({arch}), {n_params:,} parameters, "
-        f"{len(ckpt['classes'])} classes ({', '.join(ckpt['classes'])}). Pretrained "
-        + {
-            "mae": "without labels (masked autoencoding) ",
-            "contrastive": "without labels (contrastive, SimCLR) ",
-            "causal_lm": "without labels (language modelling: the next token) ",
-            "mlm": "without labels (masked language modelling: 15 % of the tokens) ",
-        }.get(params.pretrain.objective, "with labels (supervised) ")
-        + f"for {params.pretrain.train.epochs} epochs, then a new head grafted on and "
+        f"{len(ckpt['classes'])} classes ({', '.join(ckpt['classes'])}). "
+        + _pretrained_text(params, lineage)
+        + ", then a new head grafted on and "
         f"fine-tuned with strategy `{ft.strategy}` for {ft.train.epochs} epochs"
         + (
             f"; this is the student distilled from that model on the corpus's soft targets "
@@ -549,7 +584,11 @@ def run(
     p = params.deploy
     if packaged is None:
         packaged = package(params, root)
-    lineage = {**tracking.lineage_tags(root, flow_run_id), **training_environment(params, root)}
+    lineage = {
+        **tracking.lineage_tags(root, flow_run_id),
+        **training_environment(params, root),
+        **start_tags(params, root),
+    }
     registry = Registry(p.model_name)
     version = registry.register(packaged.model_uri, packaged.run_id, tags=lineage)
     champ_version = packaged.scored.champion_version

@@ -96,6 +96,7 @@ def run(
     items = module_of([replace(corpus_part, soft=soft), Part(train.images, train.labels)], train)
     objective = Distillation(temperature=d.temperature, hard_weight=d.hard_weight)
     model_cfg = d.model.model_dump() if d.model is not None else dict(tck["model_config"])
+    model_cfg.pop("init", None)  # the student starts from scratch, not from the checkpoint
     if d.model is not None and is_text_data(train):
         model_cfg = text_model_config(model_cfg, train.transform)
     torch.manual_seed(d.seed)

@@ -22,7 +22,7 @@ from graftline.io import file_sha256, write_json
 from graftline.models import Classifier, build_classifier, save_checkpoint
 from graftline.models.checkpoint import load_checkpoint
 from graftline.models.classifier import input_dims
-from graftline.models.lora import add_adapters, merge_adapters
+from graftline.models.lora import adapter_layers, add_adapters, merge_adapters
 from graftline.train import ParamGroup, fit
 from tasks._stage import stage_main
 from tasks._training import record_environment, run_identity, write_history
@@ -43,18 +43,22 @@ def strategy_groups(model: Classifier, p: FinetuneParams) -> list[ParamGroup]:
     """Parameter groups for ``full``, ``linear_probe``, ``gradual`` or ``lora`` fine-tuning,
     with layer-wise LR decay over a layered backbone (the ViT) when ``layer_decay`` is set.
 
-    ``lora`` adds the adapters to ``model``'s backbone (in place) and freezes the rest of it:
-    the adapters (and the norms, if asked) train at the head's LR.
+    ``lora`` puts ``peft``'s adapters on ``model``'s backbone (``model.backbone`` becomes
+    the ``LoraModel`` around it) and freezes the rest of it: the adapters (and the norms, if
+    asked) train at the head's LR.
     """
     head = ParamGroup("head", model.head)
     if p.strategy == "lora":
         cfg = p.lora
         model.backbone.requires_grad_(False)
         try:
-            layers = add_adapters(model.backbone, cfg.targets, cfg.rank, cfg.alpha, cfg.dropout)
+            model.backbone = add_adapters(
+                model.backbone, cfg.targets, cfg.rank, cfg.alpha, cfg.dropout
+            )
         except ValueError as err:
             raise ArtifactError(f"finetune.strategy lora: {err}") from None
-        parts: list[nn.Module] = [layer.adapter for layer in layers]
+        layers = adapter_layers(model.backbone)
+        parts: list[nn.Module] = [m for layer in layers for m in (layer.lora_A, layer.lora_B)]
         if cfg.train_norms:  # LayerNorms, and the RMSNorms of a Llama-style decoder
             parts += [m for m in model.backbone.modules() if _is_norm(m)]
         return [ParamGroup("adapters", nn.ModuleList(parts)), head]

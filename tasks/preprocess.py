@@ -13,8 +13,14 @@ from graftline.data.dataset import Dataset
 from graftline.data.sources import load_source
 from graftline.data.splits import label_budget, stratified_split
 from graftline.data.store import save_splits
-from graftline.data.text import token_spec, tokenize_dataset, train_tokenizer
+from graftline.data.text import (
+    checkpoint_token_spec,
+    token_spec,
+    tokenize_dataset,
+    train_tokenizer,
+)
 from graftline.data.validate import restrict_classes, validate
+from graftline.hub import inspect_checkpoint, load_tokenizer
 from tasks._stage import stage_main
 
 log = logging.getLogger("graftline.preprocess")
@@ -90,12 +96,22 @@ def prepare(p: PreprocessParams) -> tuple[dict[str, Dataset], dict[str, Dataset]
 
 
 def tokenize(p: PreprocessParams, groups: dict[str, dict[str, Dataset]]) -> dict[str, Any]:
-    """Train the tokenizer on the corpus's training split (``groups["pretrain"]["train"]``)
+    """Train the tokenizer on the corpus's training split (``groups["pretrain"]["train"]``),
+    or take the pretrained checkpoint's (``preprocess.tokenizer.path``),
     and turn every split's texts into token ids, in place; returns what the manifests
     record."""
     corpus = groups["pretrain"]["train"]
-    tok = train_tokenizer(corpus.images, p.tokenizer)
-    spec = token_spec(tok, p.tokenizer, 0)
+    if p.tokenizer.path is not None:  # a pretrained checkpoint's: its model reads its ids
+        ckpt = inspect_checkpoint(p.tokenizer.path)
+        tok, spec = checkpoint_token_spec(
+            load_tokenizer(ckpt.path), p.tokenizer, ckpt.config.get("max_position_embeddings")
+        )
+        spec["tokenizer_from_sha256"] = ckpt.sha256
+        made = f"{spec['tokenizer_kind']} from {ckpt.path}"
+    else:
+        tok = train_tokenizer(corpus.images, p.tokenizer)
+        spec = token_spec(tok, p.tokenizer, 0)
+        made = f"byte-level BPE trained on {len(corpus)} texts"
     truncated = {}
     for group_name, group in groups.items():
         for name, ds in group.items():
@@ -106,10 +122,9 @@ def tokenize(p: PreprocessParams, groups: dict[str, dict[str, Dataset]]) -> dict
         for ds in group.values():
             ds.transform["corpus_tokens"] = spec["corpus_tokens"]
     log.info(
-        "tokenizer: byte-level BPE, %d tokens, trained on %d texts (%d tokens); texts over "
-        "max_len %d, truncated: %s",
+        "tokenizer: %s, %d tokens; the corpus: %d tokens; texts over max_len %d, truncated: %s",
+        made,
         spec["vocab_size"],
-        len(corpus),
         spec["corpus_tokens"],
         p.tokenizer.max_len,
         ", ".join(f"{k}={v}" for k, v in truncated.items()),

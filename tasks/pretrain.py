@@ -1,4 +1,6 @@
-"""Stage ``pretrain``: train backbone + pretraining head from scratch on the corpus."""
+"""Stage ``pretrain``: train backbone + pretraining head from scratch on the corpus, or
+start from a pretrained Hugging Face checkpoint (``pretrain.init``): check it, record its
+hash and hand it on as a graftline backbone."""
 
 from __future__ import annotations
 
@@ -17,12 +19,13 @@ from graftline.config import Params
 from graftline.data.modules import data_module
 from graftline.data.store import load_split, read_manifest
 from graftline.data.text import is_text_data
-from graftline.errors import DataError
+from graftline.errors import ArtifactError, DataError
 from graftline.export import HF_DIR, export_huggingface_backbone
-from graftline.io import write_json
+from graftline.hub import DEFAULT_POOL, config_dict, inspect_checkpoint, load_base_model
+from graftline.io import write_json, write_text
 from graftline.models import build_classifier, save_checkpoint
-from graftline.models.classifier import input_dims
-from graftline.models.text import text_model_config
+from graftline.models.classifier import Classifier, input_dims
+from graftline.models.text import FROM_TOKENIZER, TextBackbone, text_model_config
 from graftline.objectives import CausalLM, Contrastive, MaskedAutoencoder, MaskedLM
 from graftline.train import fit, predict_proba
 from tasks._stage import stage_main
@@ -38,8 +41,11 @@ def run(
     reports: Path = paths.PRETRAIN_REPORT,
     checkpoints: Path = paths.CHECKPOINTS,
 ) -> dict[str, Any]:
-    """Train backbone + pretraining head from scratch on the pretraining corpus."""
+    """Train backbone + pretraining head from scratch on the pretraining corpus (or take a
+    pretrained checkpoint's: :func:`from_checkpoint`)."""
     p = params.pretrain
+    if p.init is not None:
+        return from_checkpoint(params, data, out, reports)
     manifest = read_manifest(data)
     # The corpus stays on disk, memory-mapped: fit reads it a batch at a time.
     train, val = load_split(data, "train", mmap=True), load_split(data, "val")
@@ -143,6 +149,79 @@ def run(
         "artifacts": [reports / "history.csv"],
         "images_per_s": result.images_per_s,
     }
+
+
+def from_checkpoint(
+    params: Params,
+    data: Path = paths.PRETRAIN_DATA,
+    out: Path = paths.PRETRAINED,
+    reports: Path = paths.PRETRAIN_REPORT,
+) -> dict[str, Any]:
+    """``pretrain.init``: a pretrained Hugging Face checkpoint instead of pretraining. It is
+    checked (``graftline.hub``: no code of its own, no unsafe pickle, a known model type, the
+    tokenizer that preprocess used), loaded offline and written as graftline's pretrained
+    backbone, its config and hash in the checkpoint's model config (``init``), so finetune,
+    the card and the lineage tags name it."""
+    init = params.pretrain.init
+    assert init is not None
+    hub = inspect_checkpoint(init.path)
+    manifest = read_manifest(data)
+    val = load_split(data, "val")
+    spec = val.transform
+    if spec.get("tokenizer_from") != init.path or spec.get("tokenizer_from_sha256") != hub.sha256:
+        raise DataError(
+            f"{data}: its token ids are not {init.path}'s tokenizer's (of this checkpoint, "
+            f"sha256 {hub.sha256[:12]}); set preprocess.tokenizer.path: {init.path} and run "
+            "preprocess again (dvc repro)"
+        )
+    pool = init.pool or DEFAULT_POOL[hub.kind]
+    torch.manual_seed(params.pretrain.seed)  # weights the checkpoint lacks (a pooler) start here
+    base = load_base_model(hub, pool)
+    if int(base.config.vocab_size) < int(spec["vocab_size"]):
+        raise ArtifactError(
+            f"{init.path}: the model has {base.config.vocab_size} token embeddings and its "
+            f"tokenizer {spec['vocab_size']} tokens"
+        )
+    model = Classifier(TextBackbone(hub.model_type, base, int(spec["pad_id"]), pool), 0)
+    model_cfg = {
+        "arch": hub.model_type,
+        "pool": pool,
+        "hf_config": config_dict(base),
+        **{k: spec[k] for k in FROM_TOKENIZER},
+        "init": hub.record(),
+    }
+    shape = tuple(int(n) for n in val.images.shape[1:])
+    metrics: dict[str, Any] = {
+        "parameters": sum(t.numel() for t in model.parameters()),
+        "epochs_run": 0,
+    }
+    save_checkpoint(
+        out / paths.MODEL_FILE,
+        model,
+        model_config=model_cfg,
+        classes=[],
+        input_shape=shape,
+        transform=spec,
+        extra={
+            "stage": "pretrain",
+            "objective": "huggingface",
+            "data_sha256": manifest["splits"]["train"]["sha256"],
+            "metrics": metrics,
+        },
+    )
+    export_huggingface_backbone(model.backbone, spec, out / HF_DIR, np.asarray(val.images[:64]))
+    write_text(reports / "history.csv", "epoch,train_loss,val_loss,val_acc\n")  # no epoch ran
+    write_json(reports / "metrics.json", metrics)
+    log.info(
+        "pretrain: nothing trained; %s (%s, sha256 %s, %s weights, pool %s), %d parameters",
+        init.path,
+        hub.model_type,
+        hub.sha256[:12],
+        hub.weights,
+        pool,
+        metrics["parameters"],
+    )
+    return {"metrics": metrics, "history": {"": []}, "artifacts": [reports / "history.csv"]}
 
 
 if __name__ == "__main__":

@@ -327,6 +327,59 @@ def token_spec(tok: Any, p: TokenizerParams, corpus_tokens: int) -> dict[str, An
     }
 
 
+def checkpoint_token_spec(hf_tok: Any, p: TokenizerParams, max_positions: int | None) -> tuple[Any, dict[str, Any]]:
+    """A pretrained checkpoint's tokenizer (a ``transformers`` fast tokenizer) as graftline's
+    text transform: its ``tokenizer.json`` with its own framing (``[CLS] text [SEP]``, ``<s>
+    text``), truncating at ``max_len``, and its special tokens by name. Returns the
+    ``tokenizers`` tokenizer and the transform.
+
+    Raises:
+        DataError: the tokenizer has no padding token, or ``max_len`` exceeds the model's
+            positions.
+    """
+    from tokenizers import Tokenizer
+
+    max_len = p.max_len
+    if max_positions is not None and max_len > max_positions:
+        raise DataError(
+            f"preprocess.tokenizer.max_len {max_len} is over the checkpoint's "
+            f"max_position_embeddings {max_positions}; lower it"
+        )
+    pad = hf_tok.pad_token_id
+    if pad is None:
+        raise DataError(
+            f"{p.path}: the tokenizer has no padding token (pad_token in "
+            "special_tokens_map.json); graftline pads batches of texts with it"
+        )
+    tok = Tokenizer.from_str(hf_tok.backend_tokenizer.to_str())
+    tok.no_padding()
+    tok.enable_truncation(max_len)
+    blob = tok.to_str()
+    names = {
+        k: str(getattr(hf_tok, k))
+        for k in ("pad_token", "unk_token", "bos_token", "eos_token", "mask_token", "cls_token", "sep_token")
+        if getattr(hf_tok, k, None) is not None
+    }
+    bos = hf_tok.bos_token_id if hf_tok.bos_token_id is not None else hf_tok.cls_token_id
+    eos = hf_tok.eos_token_id if hf_tok.eos_token_id is not None else hf_tok.sep_token_id
+    return tok, {
+        "kind": "text",
+        "tokenizer": blob,
+        "tokenizer_sha256": hashlib.sha256(blob.encode()).hexdigest(),
+        "tokenizer_kind": f"the checkpoint's ({type(tok.model).__name__})",
+        "tokenizer_from": str(p.path),
+        "special_tokens": names,
+        "vocab_size": len(hf_tok),
+        "max_len": max_len,
+        "lowercase": False,
+        "pad_id": int(pad),
+        "mask_id": hf_tok.mask_token_id,
+        "bos_id": bos,
+        "eos_id": eos,
+        "corpus_tokens": 0,
+    }
+
+
 def encode(tok: Any, texts: Any, max_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of ``texts`` as ``(N, max_len)`` int32 rows padded with ``pad_id``, and
     whether each text was truncated (it had more than ``max_len`` tokens)."""
@@ -350,6 +403,14 @@ def tokenize_dataset(ds: Dataset, tok: Any, spec: dict[str, Any]) -> tuple[Datas
 def describe_text_transform(spec: dict[str, Any]) -> str:
     """The text transform in words, for the model card."""
     case = ", lowercased" if spec.get("lowercase") else ""
+    if spec.get("tokenizer_from"):
+        return (
+            f"tokenizer {spec['tokenizer_kind']} from `{spec['tokenizer_from']}` with "
+            f"{spec['vocab_size']:,} tokens (sha256 `{str(spec.get('tokenizer_sha256', '?'))[:12]}`); "
+            f"the corpus's training split is {spec.get('corpus_tokens', 0):,} tokens; the "
+            f"checkpoint's own framing, at most {spec['max_len']} tokens: a longer text is "
+            "truncated, and serving says so per text"
+        )
     return (
         f"tokenizer {spec.get('tokenizer_kind', 'byte-level BPE')} with {spec['vocab_size']:,} "
         f"tokens (sha256 `{str(spec.get('tokenizer_sha256', '?'))[:12]}`), trained on the "

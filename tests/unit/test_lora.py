@@ -1,5 +1,5 @@
-"""LoRA: adapters start as the identity update, only they (and the head) train, and the merged
-export is a plain model computing the same function."""
+"""LoRA (peft): adapters start as the identity update, only they (and the head) train, and the
+merged export (merge_and_unload) is a plain model computing the same function."""
 
 from pathlib import Path
 
@@ -12,7 +12,7 @@ from graftline.data.dataset import Dataset
 from graftline.errors import ArtifactError
 from graftline.models import build_classifier, save_checkpoint
 from graftline.models.checkpoint import load_checkpoint
-from graftline.models.lora import LoRALinear, merge_adapters
+from graftline.models.lora import adapter_layers, merge_adapters
 from graftline.train import fit
 from tasks.finetune import graft, strategy_groups, trainable_share
 from tests.conftest import blob_digits
@@ -53,35 +53,40 @@ def test_adapted_model_starts_equal_and_only_adapters_and_head_train(tmp_path: P
         before = model(x)
         backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     groups = strategy_groups(model, p)
-    adapted = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    adapted = adapter_layers(model)
     assert len(adapted) == 2 * 4  # qkv, proj and the MLP's two layers in each of 2 blocks
     with torch.no_grad():
         assert torch.equal(model(x), before)  # B starts at zero
     share = trainable_share(model, groups)
-    adapter_params = sum(m.adapter.a.numel() + m.adapter.b.numel() for m in adapted)
+    adapter_params = sum(
+        t.numel() for m in adapted for t in (*m.lora_A.parameters(), *m.lora_B.parameters())
+    )
     assert share["trainable_params"] == adapter_params + sum(
         t.numel() for t in model.head.parameters()
     )
     assert 0 < share["trainable_fraction"] < 0.5
 
     fit(model, _data(1), _data(2), p.train, seed=0, groups=groups)
-    after = model.backbone.state_dict()
-    changed = {
-        k for k in after if k in backbone_before and not torch.equal(after[k], backbone_before[k])
+    after = {  # the base weights under peft's names (model.<layer>.base_layer.weight)
+        k.removeprefix("model.").replace(".base_layer", ""): v
+        for k, v in model.backbone.state_dict().items()
+        if "lora_" not in k
     }
+    assert after.keys() == backbone_before.keys()
+    changed = {k for k in after if not torch.equal(after[k], backbone_before[k])}
     assert changed == set(), "base weights must stay frozen"
-    assert all(m.adapter.b.abs().sum() > 0 for m in adapted), "every adapter trained"
+    assert all(m.lora_B["default"].weight.abs().sum() > 0 for m in adapted), "every adapter trained"
 
 
 def test_norms_train_when_asked() -> None:
     model = graft(_pretrained(), 3)
     groups = strategy_groups(model, _params(train_norms=True, targets=["qkv"]))
     trained = {id(t) for g in groups for t in g.module.parameters()}
-    adapted = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    assert len(adapted) == 2 and all(id(m.adapter.b) in trained for m in adapted)
+    adapted = adapter_layers(model)
+    assert len(adapted) == 2 and all(id(m.lora_B["default"].weight) in trained for m in adapted)
     norms = [m for m in model.backbone.modules() if isinstance(m, torch.nn.LayerNorm)]
     assert norms and all(id(m.weight) in trained for m in norms)
-    assert not any(id(m.base.weight) in trained for m in adapted)
+    assert not any(id(m.get_base_layer().weight) in trained for m in adapted)
 
 
 def test_merged_export_is_a_plain_model_with_the_same_outputs(tmp_path: Path) -> None:
@@ -93,7 +98,8 @@ def test_merged_export_is_a_plain_model_with_the_same_outputs(tmp_path: Path) ->
     with torch.no_grad():
         adapted = model(x)
     assert merge_adapters(model) == 8
-    assert not [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert not adapter_layers(model)
+    assert type(model.backbone).__name__ == "ViTBackbone"
     save_checkpoint(
         tmp_path / "model.pt",
         model,

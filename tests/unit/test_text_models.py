@@ -10,7 +10,7 @@ import torch
 from graftline.config import TrainConfig
 from graftline.data.modules import Part, TokenData
 from graftline.models import build_classifier
-from graftline.models.lora import add_adapters, merge_adapters
+from graftline.models.lora import adapter_layers, add_adapters, merge_adapters
 from graftline.objectives import CausalLM, MaskedLM
 from graftline.train import fit
 
@@ -134,17 +134,19 @@ def test_lora_adapts_a_text_backbone_and_merges_back_to_the_same_function(cfg: d
     inputs = batch([[2, 7, 9, 11, 3], [2, 5, 3]], 5)
     with torch.no_grad():
         base = model(inputs)
-    layers = add_adapters(model.backbone, ["qkv", "proj", "mlp"], rank=2, alpha=4.0)
+    model.backbone = add_adapters(model.backbone, ["qkv", "proj", "mlp"], rank=2, alpha=4.0)
+    layers = adapter_layers(model)
     per_layer = 7 if cfg["arch"] == "llama" else 6  # q k v o gate up down / q k v o in out
     assert len(layers) == per_layer * cfg["depth"]
     with torch.no_grad():  # B starts at zero: the adapted model computes what its base did
         torch.testing.assert_close(model(inputs), base)
     for layer in layers:  # as if trained
-        torch.nn.init.normal_(layer.adapter.b, std=0.1)
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
     with torch.no_grad():
         adapted = model(inputs)
         assert merge_adapters(model) == len(layers)
         merged = model(inputs)
     assert not torch.allclose(adapted, base)
     torch.testing.assert_close(adapted, merged, atol=1e-5, rtol=1e-4)
-    assert not any("adapter" in k for k in model.state_dict())
+    assert not any("lora_" in k or "base_layer" in k for k in model.state_dict())
+    assert type(model.backbone).__name__ == "TextBackbone"

@@ -102,7 +102,7 @@ def test_no_weight_decay_on_biases_norms_embeddings_and_tokens() -> None:
     assert "objective.mask_token" not in decayed and "objective.decoder_pos" not in decayed
     assert not [n for n in decayed if n.endswith(".bias") or "norm" in n]
     # the matrices decay: projections, the patch embedding's kernel, the adapters, the head
-    assert "backbone.blocks.0.attn.qkv.adapter.a" in decayed
+    assert "backbone.blocks.0.attn.qkv.lora_A.default.weight" in decayed
     assert "head.weight" in decayed and "backbone.embed.patch.weight" in decayed
     assert len(decayed) > 10
     # every parameter is in exactly one group, at its group's LR
