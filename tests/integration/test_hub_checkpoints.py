@@ -31,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 NAME = "graftline-fine-food"
 
 
-def _params(arch: str, strategy: str) -> dict:
+def _params(arch: str, strategy: str, distill: bool = False) -> dict:
     path = f"checkpoints/tiny-{arch}"
     return {
         "preprocess": {
@@ -46,18 +46,22 @@ def _params(arch: str, strategy: str) -> dict:
             "lora": {"rank": 4, "alpha": 8.0},
             "train": {"epochs": 2, "batch_size": 20, "lr": 0.003, "num_threads": 1},
         },
-        "distill": {"enabled": False},
+        "distill": {  # the student: the checkpoint's architecture, from scratch
+            "enabled": distill,
+            "corpus_limit": 200,
+            "train": {"epochs": 1, "batch_size": 32, "lr": 0.003, "num_threads": 1},
+        },
         "evaluate": {"tfidf": {"C": 10.0, "ngrams": 2}},
         "deploy": {"gate": {"min_accuracy": 0.3}},
     }
 
 
-def _evaluated(repo: Path) -> tuple[list[str], list[str]]:
-    """Some test texts and the fine-tuned model's classes for them, as evaluate scored."""
+def _evaluated(repo: Path, model: str = "finetuned") -> tuple[list[str], list[str]]:
+    """Some test texts and ``model``'s classes for them, as evaluate scored."""
     texts = json.loads((repo / "data/processed/task/test.texts.json").read_text())
     some = list(range(0, 1000, 50))
     evaluated = pd.read_csv(repo / "reports/evaluate/predictions.csv")
-    return [texts[i] for i in some], evaluated["finetuned"].astype(str).iloc[some].tolist()
+    return [texts[i] for i in some], evaluated[model].astype(str).iloc[some].tolist()
 
 
 def test_hugging_face_checkpoints_fine_tune_through_the_flow(
@@ -108,8 +112,9 @@ def test_hugging_face_checkpoints_fine_tune_through_the_flow(
     assert "preprocess:" in status.stdout and "pretrain:" in status.stdout, status.stdout
     assert "modified:           checkpoints" in status.stdout, status.stdout
 
-    # the decoder, fine-tuned in full
-    (repo / "params.yaml").write_text(yaml.safe_dump(_params("llama", "full"), sort_keys=False))
+    # the decoder, fine-tuned in full, then distilled into a student that deploys
+    params = _params("llama", "full", distill=True)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = pipeline(root=str(repo))
     assert result["deploy"]["version"] == "2", result["deploy"]
     v2 = client.get_model_version(NAME, "2")
@@ -117,7 +122,8 @@ def test_hugging_face_checkpoints_fine_tune_through_the_flow(
     assert v2.tags["graftline.init.sha256"] == folder_sha256(repo / "checkpoints/tiny-llama")
     assert v2.tags["graftline.export.huggingface"] == "LlamaForSequenceClassification"
     assert "LlamaForCausalLM" in v2.description and "strategy `full`" in v2.description
-    some, expected = _evaluated(repo)
+    assert "this is the student distilled" in v2.description
+    some, expected = _evaluated(repo, "student")
     assert_hugging_face_answers_as(NAME, "2", some, expected)
     status = dvc(repo, env, "status")
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
