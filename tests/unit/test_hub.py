@@ -200,3 +200,86 @@ def test_params_name_the_checkpoint_once_for_both_stages(
     assert ok.pretrain.init is not None and ok.pretrain.init.pool is None
     with pytest.raises(ConfigError, match="starts a text model"):
         parse_params({"pretrain": {"init": {"kind": "huggingface", "path": "checkpoints/a"}}})
+
+
+def _reviews(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Short reviews whose class shows in their words (mixed scripts among them)."""
+    import random
+
+    rng = random.Random(seed)
+    good = ["great", "lovely", "tasty", "fresh", "perfect", "好吃"]
+    bad = ["awful", "stale", "bitter", "broken", "bland", "😞"]
+    filler = ["the", "coffee", "box", "tea", "arrived", "and", "was", "really", "snack"]
+    texts, labels = [], []
+    for i in range(n):
+        label = "great" if i % 2 else "other"
+        words = rng.choices(filler, k=6) + rng.choices(good if i % 2 else bad, k=2)
+        rng.shuffle(words)
+        texts.append(" ".join(words))
+        labels.append(label)
+    return texts, labels
+
+
+@pytest.mark.parametrize(("arch", "strategy"), [("bert", "full"), ("llama", "lora")])
+def test_the_stages_fine_tune_a_checkpoint_into_a_plain_model_that_exports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch: str, strategy: str
+) -> None:
+    """The combinations the flow test leaves out (it runs bert with lora, llama in full),
+    through the stage functions: the checkpoint's tokenizer makes the ids, its weights start
+    fine-tuning, the adapters are merged before the model is saved, the saved model names
+    the checkpoint and exports as Hugging Face's classifier with equal logits."""
+    import numpy as np
+    import pandas as pd
+
+    from graftline.data.modules import data_module
+    from graftline.data.store import load_split
+    from graftline.export import export_huggingface_classifier
+    from graftline.models.checkpoint import load_checkpoint
+    from graftline.train import predict_proba
+    from tasks import finetune, preprocess, pretrain
+
+    monkeypatch.chdir(tmp_path)
+    texts, labels = _reviews(240)
+    Path("data/raw").mkdir(parents=True)
+    pd.DataFrame({"text": texts, "label": labels}).to_csv("data/raw/reviews.csv", index=False)
+    path = f"checkpoints/tiny-{arch}"
+    save_tiny_checkpoint(Path(path), arch, texts, vocab_size=400)
+    source = {"kind": "text_table", "path": "data/raw/reviews.csv"}
+    params = parse_params(
+        {
+            "preprocess": {
+                "tokenizer": {"path": path, "max_len": 48},
+                "pretrain": {"source": {**source, "labels": "ignore"}},
+                "task": {"source": source, "labels_per_class": "all", "val_fraction": 0.2},
+            },
+            "pretrain": {"init": {"kind": "huggingface", "path": path}},
+            "finetune": {
+                "strategy": strategy,
+                "lora": {"rank": 4, "alpha": 16.0},
+                "backbone_lr_scale": 1.0,
+                "train": {
+                    "epochs": 20,
+                    "batch_size": 16,
+                    "lr": 0.01 if strategy == "lora" else 0.003,
+                    "num_threads": 1,
+                },
+            },
+        }
+    )
+    preprocess.run(params)
+    pretrain.run(params)
+    result = finetune.run(params)
+    share = result["metrics"]["finetuned"]["trainable_fraction"]
+    assert (share < 0.5) if strategy == "lora" else share == 1.0
+
+    model, ckpt = load_checkpoint(Path("models/finetuned/model.pt"))
+    assert not any("lora_" in k or "base_layer" in k for k in ckpt["state_dict"])
+    assert ckpt["model_config"]["init"]["sha256"] == folder_sha256(path)
+    assert type(model.backbone.model).__name__ == {"bert": "BertModel", "llama": "LlamaModel"}[arch]
+    test = load_split(Path("data/processed/task"), "test")
+    accuracy = float(np.mean(predict_proba(model, data_module(test)).argmax(1) == test.labels))
+    assert accuracy > 0.8, accuracy  # the held-out reviews, whose words tell their class
+    diff = export_huggingface_classifier(
+        model, ckpt["classes"], ckpt["transform"], tmp_path / "hf", np.asarray(test.images)
+    )
+    assert diff <= 1e-4
