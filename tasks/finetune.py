@@ -171,7 +171,10 @@ def run(
         save_checkpoint(
             out / paths.MODEL_FILE,
             model,
-            model_config=model_cfg,
+            # the scratch baseline did not start from a pretrained checkpoint
+            model_config=model_cfg
+            if name == "finetuned"
+            else {k: v for k, v in model_cfg.items() if k != "init"},
             classes=train.classes,
             input_shape=shape,
             transform=train.transform,

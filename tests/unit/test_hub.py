@@ -234,7 +234,7 @@ def test_the_stages_fine_tune_a_checkpoint_into_a_plain_model_that_exports(
     from graftline.data.modules import data_module
     from graftline.data.store import load_split
     from graftline.export import export_huggingface_classifier
-    from graftline.models.checkpoint import load_checkpoint
+    from graftline.models.checkpoint import load_checkpoint, read_checkpoint
     from graftline.train import predict_proba
     from tasks import finetune, preprocess, pretrain
 
@@ -275,6 +275,8 @@ def test_the_stages_fine_tune_a_checkpoint_into_a_plain_model_that_exports(
     model, ckpt = load_checkpoint(Path("models/finetuned/model.pt"))
     assert not any("lora_" in k or "base_layer" in k for k in ckpt["state_dict"])
     assert ckpt["model_config"]["init"]["sha256"] == folder_sha256(path)
+    scratch = read_checkpoint(Path("models/scratch/model.pt"))["model_config"]
+    assert "init" not in scratch and "hf_config" in scratch  # the same architecture, afresh
     assert type(model.backbone.model).__name__ == {"bert": "BertModel", "llama": "LlamaModel"}[arch]
     test = load_split(Path("data/processed/task"), "test")
     accuracy = float(np.mean(predict_proba(model, data_module(test)).argmax(1) == test.labels))
