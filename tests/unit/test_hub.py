@@ -285,3 +285,21 @@ def test_the_stages_fine_tune_a_checkpoint_into_a_plain_model_that_exports(
         model, ckpt["classes"], ckpt["transform"], tmp_path / "hf", np.asarray(test.images)
     )
     assert diff <= 1e-4
+
+
+def test_a_tokenizer_without_padding_pads_with_its_end_of_text_token(
+    checkpoints: dict[str, Path],
+) -> None:
+    from graftline.errors import DataError
+
+    tok = load_tokenizer(checkpoints["llama"])
+    tok.pad_token = None  # as Llama's own tokenizers come
+    _, spec = checkpoint_token_spec(tok, _tok_params(checkpoints["llama"]), 64)
+    assert spec["pad_id"] == tok.eos_token_id and spec["special_tokens"]["pad_token"] == "</s>"
+    tok.pad_token, tok.eos_token = None, None
+    with pytest.raises(DataError, match="neither a padding token nor an end-of-text token"):
+        checkpoint_token_spec(tok, _tok_params(checkpoints["llama"]), 64)
+    with pytest.raises(DataError, match="max_len 32 is over the checkpoint's max_position"):
+        checkpoint_token_spec(
+            load_tokenizer(checkpoints["llama"]), _tok_params(checkpoints["llama"]), 16
+        )
