@@ -17,9 +17,9 @@ the 60,000 images, against 1.78 % with the symmetric graph (50 neighbours; 1.65 
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
-from sklearn.decomposition import PCA
-from sklearn.neighbors import kneighbors_graph
+
+# scikit-learn and SciPy are imported where they are used: the distill stage imports this
+# module on every run, and most runs propagate nothing (1.2 s of imports saved).
 
 
 def reduce_features(features: np.ndarray, dims: int, seed: int = 0) -> np.ndarray:
@@ -29,6 +29,8 @@ def reduce_features(features: np.ndarray, dims: int, seed: int = 0) -> np.ndarra
     as good (1.52 % wrong against 1.50 %) in 21 s of propagation against 150 s."""
     if not dims or dims >= min(features.shape):
         return features
+    from sklearn.decomposition import PCA
+
     reduced = PCA(dims, random_state=seed).fit_transform(features)
     return reduced / np.maximum(np.linalg.norm(reduced, axis=1, keepdims=True), 1e-12)
 
@@ -58,6 +60,9 @@ def propagate_labels(
     if labels.max() >= num_classes:
         raise ValueError(f"label {labels.max()} out of range for {num_classes} classes")
     k = min(neighbours, len(features) - 1)
+    import scipy.sparse as sp
+    from sklearn.neighbors import kneighbors_graph
+
     w = kneighbors_graph(features, k, mode="connectivity", include_self=False)
     w = ((w + w.T) > 0).astype(np.float32)  # i near j or j near i
     inv_sqrt = 1 / np.sqrt(np.asarray(w.sum(axis=1)).ravel())

