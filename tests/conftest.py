@@ -42,8 +42,27 @@ TINY_PARAMS: dict[str, Any] = {
     },
     "distill": {"enabled": False},
     "evaluate": {"svc": {"C": 5.0}},
-    "deploy": {"model_name": "tiny-digits", "gate": {"min_accuracy": 0.3}},
+    # No ONNX export (~6 s of CPU a deploy): the serving, text and checkpoint tests cover it.
+    "deploy": {
+        "model_name": "tiny-digits",
+        "gate": {"min_accuracy": 0.3},
+        "export": {"onnx": False},
+    },
 }
+
+
+# The slow folders first: `make test` hands whole files to two xdist workers in this order,
+# so that the small unit files fill the end rather than one long file running alone.
+_FOLDER_ORDER = ("faults", "production", "integration", "e2e", "unit")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        parts = Path(str(item.path)).relative_to(ROOT).parts
+        folder = parts[1] if len(parts) > 2 and parts[0] == "tests" else ""
+        return _FOLDER_ORDER.index(folder) if folder in _FOLDER_ORDER else len(_FOLDER_ORDER)
+
+    items.sort(key=rank)  # stable: the order within a folder stays
 
 
 def tool_env(cwd: Path, **extra: str) -> dict[str, str]:
@@ -310,3 +329,13 @@ def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url(prefect_harness: Any) -> str:
+    """The API URL of ``prefect_harness``'s server, for commands run as subprocesses
+    (``PREFECT_API_URL``): a `graftline run` given one does not start and stop a temporary
+    server of its own (seconds of CPU each time; tests/integration/test_flow.py covers that)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return str(PREFECT_API_URL.value())

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,25 @@ PARAMS = copy.deepcopy(TINY_PARAMS)
 PARAMS["pretrain"]["train"]["epochs"] = EPOCHS
 
 
+# The session's Prefect server for the module's runs: a `graftline run` would otherwise
+# start and stop a temporary one each time (tests/integration/test_flow.py covers that).
+_PREFECT_API: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _prefect_api(prefect_api_url: str) -> Iterator[None]:
+    _PREFECT_API["url"] = prefect_api_url
+    yield
+    _PREFECT_API.clear()
+
+
 def _env(repo: Path, home: Path, **extra: str) -> dict[str, str]:
     env = tool_env(repo, PREFECT_HOME=str(home), **extra)
     for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"):
         if key not in extra:
             env.pop(key, None)
+    if "PREFECT_API_URL" not in extra:
+        env["PREFECT_API_URL"] = _PREFECT_API["url"]
     return env
 
 
@@ -112,7 +127,8 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_interrupted_run_stops_cleanly_and_resumes_to_the_same_weights(
     tmp_path: Path, uninterrupted: str, sig: signal.Signals
 ) -> None:
-    """Cases 1 and 3: SIGTERM or SIGKILL to `graftline run` while pretraining trains."""
+    """Cases 1 and 3: SIGTERM or SIGKILL to `graftline run` while pretraining trains (and
+    case 4, a second run refused meanwhile, in the SIGTERM one)."""
     repo = make_repo(tmp_path / "repo", PARAMS)
     # DVC runs a stage's command through $SHELL, /bin/sh when unset (as under CI). dash stays
     # between DVC and the stage, so the stage's parent outlives the killed flow: the harder case.
@@ -131,6 +147,14 @@ def test_interrupted_run_stops_cleanly_and_resumes_to_the_same_weights(
         p.suspend()
     checkpoint = repo / ".graftline/checkpoints/pretrain/last.pt"
     assert torch.load(checkpoint, weights_only=True)["state"]["epoch"] + 1 < EPOCHS
+    if sig == signal.SIGTERM:
+        # Case 4: a second `graftline run` in the same checkout refuses at once, by name,
+        # and the first goes on (until the signal below).
+        second = graftline(repo, env, "run", "--no-deploy")
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert "another pipeline is running in this checkout" in second.stderr
+        assert f"pid {run.pid}" in second.stderr
+        assert run.poll() is None, "the first run must go on"
     run.send_signal(sig)
     for p in stage:
         p.resume()
@@ -197,24 +221,6 @@ def test_a_burst_of_signals_cannot_leave_the_stage_run_open(tmp_path: Path) -> N
     assert "graftline pretrain: stopped by SIGTERM" in output
     assert [s for s in _mlflow_statuses(repo) if s[0] == "pretrain"] == [("pretrain", "KILLED")]
     assert not (repo / "models/pretrained/model.pt").exists()
-
-
-def test_two_runs_at_once_one_refuses(tmp_path: Path) -> None:
-    """Case 4: a second `graftline run` in the same checkout refuses at once, by name."""
-    repo = make_repo(tmp_path / "repo", PARAMS)
-    env = _env(repo, tmp_path / "home")
-    first_log = tmp_path / "first.log"
-    first = _graftline(repo, env, "run", "--no-deploy", log=first_log)
-    try:
-        _wait_for_line(first_log, rf"pretrain epoch {EPOCHS // 10}/{EPOCHS}", first)
-        second = graftline(repo, env, "run", "--no-deploy")
-        assert second.returncode == 2, second.stdout + second.stderr
-        assert "another pipeline is running in this checkout" in second.stderr
-        assert f"pid {first.pid}" in second.stderr
-        assert first.poll() is None, "the first run must go on"
-    finally:
-        first.send_signal(signal.SIGTERM)
-        first.wait(timeout=60)
 
 
 def test_unreachable_tracking_server_fails_fast_before_training(tmp_path: Path) -> None:

@@ -22,20 +22,23 @@ for _stage in ("pretrain", "finetune"):
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def repo(tmp_path_factory: pytest.TempPathFactory, prefect_api_url: str) -> Path:
     """A repo whose pipeline ran once through the flow and registered v1."""
     remote = tmp_path_factory.mktemp("remote")
     repo = make_repo(tmp_path_factory.mktemp("repo"), PARAMS, remote)
-    proc = reproduce_cli(repo, "run", "--push", home=tmp_path_factory.mktemp("home"))
+    home = tmp_path_factory.mktemp("home")
+    proc = reproduce_cli(repo, "run", "--push", home=home, PREFECT_API_URL=prefect_api_url)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return repo
 
 
-def reproduce_cli(repo: Path, *args: str, home: Path | None = None) -> subprocess.CompletedProcess:
+def reproduce_cli(
+    repo: Path, *args: str, home: Path | None = None, **extra: str
+) -> subprocess.CompletedProcess:
     env = tool_env(repo, **({"PREFECT_HOME": str(home)} if home else {}))
     for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
         env.pop(key, None)
-    return graftline(repo, env, *args)
+    return graftline(repo, {**env, **extra}, *args)
 
 
 @pytest.fixture
