@@ -1,8 +1,10 @@
 """Fine-food reviews with few labels: TF-IDF + LR, the Transformer from scratch, pretrained +
-fine-tuned (full, LoRA), and + distil, per label budget; and the LM's pretraining speed.
+fine-tuned (full, LoRA), + distil (a student from scratch) and + self-training (a student
+from the pretrained backbone, ``distill.init: pretrained``), per label budget; and the LM's
+pretraining speed.
 
     .venv/bin/python benchmarks/bench_text_few_labels.py [--budgets 10 50 100 all]
-        [--draws 0 1 2] [--routes tfidf scratch full lora distil] [--quick]
+        [--draws 0 1 2] [--routes tfidf scratch full lora distil self] [--quick]
 
 The preset ``params/text-reviews.yaml`` is the setting: a tokenizer and a Llama-style decoder
 pretrained (next token) once on the 3,993 training reviews with their labels thrown away;
@@ -55,7 +57,18 @@ from graftline.train import fit, predict_proba  # noqa: E402
 from tasks import distill, finetune, preprocess, pretrain  # noqa: E402
 
 PRESET = ROOT / "params" / "text-reviews.yaml"
-ROUTES = ("tfidf", "scratch", "full", "lora", "distil")
+ROUTES = ("tfidf", "scratch", "full", "lora", "distil", "self")
+# The self-training student starts where fine-tuning did: its learning rate, fewer epochs
+# (the corpus is 20 times the labelled set), the last epoch kept (no held-out labels).
+SELF_TRAIN = {
+    "epochs": 4,
+    "batch_size": 32,
+    "optimizer": "adamw",
+    "lr": 3e-4,
+    "weight_decay": 0.01,
+    "schedule": "onecycle",
+    "keep": "last",
+}
 
 
 def preset(args: argparse.Namespace, **change: Any) -> Params:
@@ -131,7 +144,7 @@ def throughput(params: Params, data: Path, steps: int) -> tuple[float, float]:
 def strategies(routes: list[str]) -> list[str]:
     """The fine-tuning runs the routes need: ``full`` also trains the scratch baseline (the
     finetune stage does both) and is the teacher distil starts from."""
-    wanted = ["full"] if {"full", "scratch", "distil"} & set(routes) else []
+    wanted = ["full"] if {"full", "scratch", "distil", "self"} & set(routes) else []
     return wanted + (["lora"] if "lora" in routes else [])
 
 
@@ -199,17 +212,22 @@ def main() -> None:
                     row[f"{strategy}_trainable"] = res["metrics"]["finetuned"]["trainable_fraction"]
                     if strategy == "full":
                         row["scratch"], row["scratch_f1"] = model_scores(out / "scratch", test)
-                    if strategy == "full" and "distil" in args.routes:
+                    # distil: a student from scratch; self: from the pretrained backbone
+                    for route, init in (("distil", "scratch"), ("self", "pretrained")):
+                        if strategy != "full" or route not in args.routes:
+                            continue
                         dparams = copy.deepcopy(params.model_dump())
-                        dparams["distill"]["enabled"] = True
+                        dparams["distill"].update(enabled=True, init=init)
+                        if init == "pretrained":  # fine-tuning's settings, over the corpus
+                            dparams["distill"]["train"] = SELF_TRAIN
                         dp = parse_params(dparams, PRESET)
                         t = time.perf_counter()
                         distill.run(
-                            dp, work / "processed/pretrain", task, out / "ft", out / "student",
-                            out / "drep", work / "ck",
+                            dp, work / "processed/pretrain", task, out / "ft", out / route,
+                            out / f"{route}-rep", work / "ck", pre_out,
                         )  # fmt: skip
-                        row["distil"], row["distil_f1"] = model_scores(out / "student", test)
-                        row["distil_min"] = (time.perf_counter() - t) / 60
+                        row[route], row[f"{route}_f1"] = model_scores(out / route, test)
+                        row[f"{route}_min"] = (time.perf_counter() - t) / 60
                 rows.append(row)
                 print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
     table = pd.DataFrame(rows)
@@ -224,7 +242,7 @@ def main() -> None:
     print("\ntest accuracy (macro-F1), mean ± std over draws; minutes per route and draw")
     for budget, group in table.groupby("budget", sort=False):
         cells = []
-        for route in [r for r in ("tfidf", "scratch", "full", "lora", "distil") if r in group]:
+        for route in [r for r in ROUTES if r in group]:
             acc, f1 = group[route], group[f"{route}_f1"]
             minutes = group.get(f"{route}_min", group.get("full_min"))
             extra = (

@@ -734,9 +734,24 @@ class DistillParams(_Strict):
     model: ModelConfig | None = Field(
         default=None, description="the student's architecture; default: the teacher's"
     )
+    init: Literal["scratch", "pretrained"] = Field(
+        default="scratch",
+        description="where the student starts: scratch (a compressed student, Hinton et al.) "
+        "or pretrained (the pretrained backbone with a fresh head, as the teacher started: "
+        "self-training on the corpus; needs the teacher's architecture)",
+    )
     train: TrainConfig = TrainConfig()
     consistency: ConsistencyParams = ConsistencyParams()
     propagate: PropagateParams = PropagateParams()
+
+    @model_validator(mode="after")
+    def _pretrained_student_is_the_teachers(self) -> DistillParams:
+        if self.init == "pretrained" and self.model is not None:
+            raise ValueError(
+                "distill.init: pretrained starts the student from the pretrained backbone, so "
+                "the student has the teacher's architecture: leave distill.model unset"
+            )
+        return self
 
 
 class SvcParams(_Strict):

@@ -341,7 +341,12 @@ def model_card(
         + (
             f"; this is the student distilled from that model on the corpus's soft targets "
             f"(T={params.distill.temperature}) and the labels, "
-            f"{params.distill.train.epochs} epochs."
+            + (
+                "starting from the pretrained backbone (self-training), "
+                if params.distill.init == "pretrained"
+                else "trained from scratch, "
+            )
+            + f"{params.distill.train.epochs} epochs."
             if name == "student"
             else "."
         ),

@@ -32,7 +32,7 @@ from graftline.errors import ArtifactError
 from graftline.io import file_sha256, write_json, write_text
 from graftline.models import build_classifier, save_checkpoint
 from graftline.models.checkpoint import load_checkpoint
-from graftline.models.classifier import input_dims
+from graftline.models.classifier import Classifier, input_dims
 from graftline.models.text import text_model_config
 from graftline.objectives import Consistency, Distillation, features
 from graftline.propagation import propagate_labels, reduce_features
@@ -53,6 +53,7 @@ def run(
     out: Path = paths.STUDENT,
     reports: Path = paths.DISTILL_REPORT,
     checkpoints: Path = paths.CHECKPOINTS,
+    pretrained: Path = paths.PRETRAINED,
 ) -> dict[str, Any]:
     """Distil the fine-tuned model into a student on the unlabelled corpus and the labels."""
     d = params.distill
@@ -96,14 +97,19 @@ def run(
     items = module_of([replace(corpus_part, soft=soft), Part(train.images, train.labels)], train)
     objective = Distillation(temperature=d.temperature, hard_weight=d.hard_weight)
     model_cfg = d.model.model_dump() if d.model is not None else dict(tck["model_config"])
-    model_cfg.pop("init", None)  # the student starts from scratch, not from the checkpoint
     if d.model is not None and is_text_data(train):
         model_cfg = text_model_config(model_cfg, train.transform)
     torch.manual_seed(d.seed)
-    try:
-        student = build_classifier(model_cfg, *input_dims(shape), len(train.classes))
-    except ValueError as err:
-        raise ArtifactError(f"distill.model: {err}") from None
+    start = file_sha256(teacher / paths.MODEL_FILE)  # the teacher's weights
+    if d.init == "pretrained":
+        student = _pretrained_student(pretrained / paths.MODEL_FILE, shape, len(train.classes))
+        start += file_sha256(pretrained / paths.MODEL_FILE)
+    else:
+        model_cfg.pop("init", None)  # the student starts from scratch, not from a checkpoint
+        try:
+            student = build_classifier(model_cfg, *input_dims(shape), len(train.classes))
+        except ValueError as err:
+            raise ArtifactError(f"distill.model: {err}") from None
     backbone = getattr(student, "backbone", student)
     if (
         d.propagate.rounds
@@ -121,7 +127,7 @@ def run(
             **{s: v["sha256"] for s, v in manifest["splits"].items()},
             "corpus": read_manifest(corpus)["splits"]["train"]["sha256"],
         },
-        start=file_sha256(teacher / paths.MODEL_FILE),  # the teacher's weights
+        start=start,
     )
     resume = checkpoints / "distill" / "last.pt"
     result = fit(
@@ -192,6 +198,18 @@ def run(
         "history": {"student": history},
         "artifacts": [reports / "history.csv"],
     }
+
+
+def _pretrained_student(path: Path, shape: tuple[int, ...], num_classes: int) -> Classifier:
+    """``distill.init: pretrained``: the pretrained backbone with a fresh head, as the teacher
+    started, to learn from the teacher's soft targets on the corpus (self-training)."""
+    base, ckpt = load_checkpoint(path)
+    if tuple(ckpt["input_shape"]) != shape:
+        raise ArtifactError(
+            f"{path} expects inputs of shape {tuple(ckpt['input_shape'])}, the task data "
+            f"has {shape}; run pretrain again (dvc repro)"
+        )
+    return Classifier(base.backbone, num_classes)
 
 
 def _beside_labels(corpus: Part, labels: np.ndarray, train: Dataset, share: float) -> DataModule:

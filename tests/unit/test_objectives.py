@@ -352,3 +352,63 @@ def test_distill_stage_student_learns_the_teachers_soft_labels(tmp_path: Path) -
     off = parse_params({})
     distill.run(off, out=tmp_path / "off", **kw)
     assert [p.name for p in (tmp_path / "off").iterdir()] == ["off.json"]
+
+
+def test_a_pretrained_student_starts_from_the_pretrained_backbone(tmp_path: Path) -> None:
+    """``distill.init: pretrained``: the student is the pretrained backbone with a fresh head
+    (its first step moves it by a hair), not a network from scratch; with another
+    architecture asked for, the params say why it cannot be."""
+    from graftline.config import ConfigError
+    from graftline.data.store import save_splits
+    from graftline.models import save_checkpoint
+    from graftline.models.checkpoint import load_checkpoint
+    from tasks import distill
+
+    names = ["0", "1", "2"]
+    x, y = blob_digits(10, classes=3, seed=0)
+    corpus = Dataset(x[:, None], y.astype(np.int64), names, "blobs")
+    save_splits(tmp_path / "pre", {"train": corpus, "val": corpus.subset(np.arange(5))}, {})
+    few = corpus.subset(np.arange(0, 30, 5))
+    save_splits(tmp_path / "task", {"train": few, "val": few, "test": few}, {})
+    cnn = {"arch": "cnn", "channels": [8], "hidden": 16, "dropout": 0.0}
+    torch.manual_seed(1)
+    backbone = build_classifier(cnn, 1, 28, 0)  # a backbone as pretrain writes it
+    save_checkpoint(
+        tmp_path / "pretrained" / "model.pt",
+        backbone,
+        model_config=cnn,
+        classes=[],
+        input_shape=(1, 28, 28),
+    )
+    teacher = build_classifier(cnn, 1, 28, 3)
+    save_checkpoint(
+        tmp_path / "teacher" / "model.pt",
+        teacher,
+        model_config=cnn,
+        classes=names,
+        input_shape=(1, 28, 28),
+    )
+    kw = {
+        "corpus": tmp_path / "pre",
+        "data": tmp_path / "task",
+        "teacher": tmp_path / "teacher",
+        "pretrained": tmp_path / "pretrained",
+        "reports": tmp_path / "rep",
+        "checkpoints": tmp_path / "ck",
+    }
+    one_step = {"epochs": 1, "max_steps": 1, "batch_size": 8, "lr": 1e-6, "num_threads": 1}
+    for init in ("pretrained", "scratch"):
+        params = parse_params({"distill": {"enabled": True, "init": init, "train": one_step}})
+        distill.run(params, out=tmp_path / init, **kw)
+        student, ckpt = load_checkpoint(tmp_path / init / "model.pt")
+        assert ckpt["model_config"]["channels"] == [8]
+        start = backbone.backbone.state_dict()
+        moved = max(
+            float((v - start[k]).abs().max()) for k, v in student.backbone.state_dict().items()
+        )
+        if init == "pretrained":
+            assert moved < 1e-4, moved
+        else:
+            assert moved > 1e-2, moved
+    with pytest.raises(ConfigError, match="distill.init: pretrained .* leave distill.model unset"):
+        parse_params({"distill": {"init": "pretrained", "model": cnn}})
