@@ -119,8 +119,9 @@ def _refuse_remote_code(folder: Path, files: list[Path]) -> None:
     code = [f.relative_to(folder).as_posix() for f in files if f.suffix == ".py"]
     for name in CONFIGS_WITH_CODE:
         path = folder / name
-        if path.exists() and "auto_map" in _read_json(path):
-            code.insert(0, f"{name}: auto_map {sorted(_read_json(path)['auto_map'])}")
+        auto_map = _read_json(path).get("auto_map") if path.exists() else None
+        if auto_map:
+            code.insert(0, f"{name}: auto_map {sorted(auto_map)}")
     if code:
         raise ArtifactError(
             f"{folder}: this checkpoint brings code of its own ({', '.join(code[:3])}), which "
