@@ -54,12 +54,10 @@ def _prefect_api(prefect_api_url: str) -> Iterator[None]:
 
 
 def _env(repo: Path, home: Path, **extra: str) -> dict[str, str]:
-    env = tool_env(repo, PREFECT_HOME=str(home), **extra)
-    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"):
+    env = tool_env(repo, PREFECT_HOME=str(home), PREFECT_API_URL=_PREFECT_API["url"], **extra)
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"):
         if key not in extra:
             env.pop(key, None)
-    if "PREFECT_API_URL" not in extra:
-        env["PREFECT_API_URL"] = _PREFECT_API["url"]
     return env
 
 
