@@ -1,10 +1,12 @@
-"""Fine-food reviews with few labels: TF-IDF + LR, the Transformer from scratch, pretrained +
-fine-tuned (full, LoRA), + distil (a student from scratch) and + self-training (a student
-from the pretrained backbone, ``distill.init: pretrained``), per label budget; and the LM's
-pretraining speed.
+"""Fine-food reviews with few labels: TF-IDF + LR, naive Bayes + EM over the corpus (Nigam et
+al., 2000), the Transformer from scratch, pretrained + fine-tuned (full, LoRA), + distil (a
+student from scratch) and + self-training (a student from the pretrained backbone,
+``distill.init: pretrained``) with the fine-tuned model, naive Bayes + EM or both labelling
+the corpus (``distill.teacher``), per label budget; and the LM's pretraining speed.
 
     .venv/bin/python benchmarks/bench_text_few_labels.py [--budgets 10 50 100 all]
-        [--draws 0 1 2] [--routes tfidf scratch full lora distil self] [--quick]
+        [--draws 0 1 2] [--routes tfidf nb_em scratch full lora distil self em_self both_self]
+        [--quick]
 
 The preset ``params/text-reviews.yaml`` is the setting: a tokenizer and a Llama-style decoder
 pretrained (next token) once on the 3,993 training reviews with their labels thrown away;
@@ -43,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from graftline import layout as paths  # noqa: E402
-from graftline.config import Params, parse_params  # noqa: E402
+from graftline.config import Params, TrainConfig, parse_params  # noqa: E402
 from graftline.data.dataset import Dataset  # noqa: E402
 from graftline.data.modules import data_module  # noqa: E402
 from graftline.data.splits import label_budget  # noqa: E402
@@ -52,14 +54,23 @@ from graftline.evaluate import tfidf_baseline, tfidf_proba  # noqa: E402
 from graftline.models import build_classifier  # noqa: E402
 from graftline.models.checkpoint import load_checkpoint  # noqa: E402
 from graftline.models.text import text_model_config  # noqa: E402
+from graftline.nb_em import decode_texts, fit_nb_em, nb_em_proba  # noqa: E402
 from graftline.objectives import CausalLM  # noqa: E402
 from graftline.train import fit, predict_proba  # noqa: E402
 from tasks import distill, finetune, preprocess, pretrain  # noqa: E402
 
 PRESET = ROOT / "params" / "text-reviews.yaml"
-ROUTES = ("tfidf", "scratch", "full", "lora", "distil", "self")
+ROUTES = ("tfidf", "nb_em", "scratch", "full", "lora", "distil", "self", "em_self", "both_self")
+# The students: where each starts (distill.init) and who labels the corpus (distill.teacher).
+STUDENTS = {
+    "distil": ("scratch", "finetuned"),
+    "self": ("pretrained", "finetuned"),
+    "em_self": ("pretrained", "nb_em"),
+    "both_self": ("pretrained", "both"),
+}
 # The self-training student starts where fine-tuning did: its learning rate, fewer epochs
-# (the corpus is 20 times the labelled set), the last epoch kept (no held-out labels).
+# (the corpus is 20 times the labelled set), the last epoch kept (no held-out labels); the
+# preset's distill.train is the same.
 SELF_TRAIN = {
     "epochs": 4,
     "batch_size": 32,
@@ -144,7 +155,7 @@ def throughput(params: Params, data: Path, steps: int) -> tuple[float, float]:
 def strategies(routes: list[str]) -> list[str]:
     """The fine-tuning runs the routes need: ``full`` also trains the scratch baseline (the
     finetune stage does both) and is the teacher distil starts from."""
-    wanted = ["full"] if {"full", "scratch", "distil", "self"} & set(routes) else []
+    wanted = ["full"] if {"full", "scratch", *STUDENTS} & set(routes) else []
     return wanted + (["lora"] if "lora" in routes else [])
 
 
@@ -200,6 +211,19 @@ def main() -> None:
                         test.labels, tfidf_proba(lr, test, len(test.classes))
                     )
                     row["tfidf_min"] = (time.perf_counter() - t) / 60
+                if "nb_em" in args.routes:  # naive Bayes + EM over the corpus, on its own
+                    t = time.perf_counter()
+                    corpus = load_split(work / "processed/pretrain", "train", mmap=True)
+                    em = fit_nb_em(
+                        decode_texts(labelled.images, labelled.transform),
+                        labelled.labels,
+                        decode_texts(corpus.images, corpus.transform),
+                        len(labelled.classes),
+                        **base.distill.nb_em.model_dump(),
+                    )
+                    proba = nb_em_proba(em, decode_texts(test.images, test.transform))
+                    row["nb_em"], row["nb_em_f1"] = scores(test.labels, proba)
+                    row["nb_em_min"] = (time.perf_counter() - t) / 60
                 for strategy in strategies(args.routes):
                     params = preset(args, **{"finetune.strategy": strategy})
                     t = time.perf_counter()
@@ -212,14 +236,16 @@ def main() -> None:
                     row[f"{strategy}_trainable"] = res["metrics"]["finetuned"]["trainable_fraction"]
                     if strategy == "full":
                         row["scratch"], row["scratch_f1"] = model_scores(out / "scratch", test)
-                    # distil: a student from scratch; self: from the pretrained backbone
-                    for route, init in (("distil", "scratch"), ("self", "pretrained")):
+                    for route, (init, teacher) in STUDENTS.items():
                         if strategy != "full" or route not in args.routes:
                             continue
                         dparams = copy.deepcopy(params.model_dump())
-                        dparams["distill"].update(enabled=True, init=init)
-                        if init == "pretrained":  # fine-tuning's settings, over the corpus
-                            dparams["distill"]["train"] = SELF_TRAIN
+                        dparams["distill"].update(enabled=True, init=init, teacher=teacher)
+                        # self-training: fine-tuning's settings over the corpus (the preset's);
+                        # a student from scratch: distill's default training
+                        dparams["distill"]["train"] = (
+                            SELF_TRAIN if init == "pretrained" else TrainConfig().model_dump()
+                        )
                         dp = parse_params(dparams, PRESET)
                         t = time.perf_counter()
                         distill.run(

@@ -716,6 +716,18 @@ class PropagateParams(_Strict):
     )
 
 
+class NbEmParams(_Strict):
+    """Naive Bayes + EM, the text teacher of ``distill.teacher: nb_em`` (see graftline.nb_em)."""
+
+    ngrams: int = Field(default=2, ge=1, le=3, description="word 1- to n-grams")
+    min_df: int = Field(default=2, ge=1, description="a word seen in fewer texts is dropped")
+    alpha: float = Field(default=0.1, gt=0, description="additive smoothing")
+    corpus_weight: float = Field(
+        default=0.3, gt=0, le=1, description="what a corpus text counts against a labelled one"
+    )
+    rounds: int = Field(default=5, ge=0, description="EM rounds over the corpus")
+
+
 class DistillParams(_Strict):
     """Distillation (Hinton et al., 2015): the fine-tuned model labels the pretraining corpus
     with soft targets and a student trains on them plus the labelled set."""
@@ -740,6 +752,13 @@ class DistillParams(_Strict):
         "or pretrained (the pretrained backbone with a fresh head, as the teacher started: "
         "self-training on the corpus; needs the teacher's architecture)",
     )
+    teacher: Literal["finetuned", "nb_em", "both"] = Field(
+        default="finetuned",
+        description="who labels the corpus: the fine-tuned model; naive Bayes trained with EM "
+        "over the corpus (text only: Nigam et al., 2000); or both (the normalised product "
+        "of their distributions)",
+    )
+    nb_em: NbEmParams = NbEmParams()
     train: TrainConfig = TrainConfig()
     consistency: ConsistencyParams = ConsistencyParams()
     propagate: PropagateParams = PropagateParams()
@@ -864,6 +883,11 @@ class Params(_Strict):
                 data = "texts" if text else "images"
                 want = "llama or bert" if text else "cnn or vit"
                 raise ValueError(f"{key}.arch {model.arch} cannot read {data}; use {want}")
+        if not text and self.distill.enabled and self.distill.teacher != "finetuned":
+            raise ValueError(
+                f"distill.teacher: {self.distill.teacher}: naive Bayes + EM reads words, and "
+                "the pipeline's sources are images; use teacher: finetuned"
+            )
         if text:
             cons = self.distill.consistency
             if self.distill.enabled and cons.epochs:

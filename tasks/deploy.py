@@ -300,6 +300,14 @@ def start_tags(params: Params, root: Path = Path(".")) -> dict[str, str]:
     }
 
 
+# who labels the corpus for the student (distill.teacher), in the model card's words
+_TEACHERS = {
+    "finetuned": "that model",
+    "nb_em": "naive Bayes trained with EM over the corpus (Nigam et al., 2000)",
+    "both": "that model and naive Bayes trained with EM over the corpus, multiplied",
+}
+
+
 def model_card(
     root: Path,
     params: Params,
@@ -339,8 +347,9 @@ def model_card(
         + ", then a new head grafted on and "
         f"fine-tuned with strategy `{ft.strategy}` for {ft.train.epochs} epochs"
         + (
-            f"; this is the student distilled from that model on the corpus's soft targets "
-            f"(T={params.distill.temperature}) and the labels, "
+            "; this is the student distilled on the corpus's soft targets from "
+            + _TEACHERS[params.distill.teacher]
+            + f" (T={params.distill.temperature}) and the labels, "
             + (
                 "starting from the pretrained backbone (self-training), "
                 if params.distill.init == "pretrained"

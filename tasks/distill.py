@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from graftline import distributed
+from graftline import distributed, nb_em
 from graftline import layout as paths
 from graftline.config import Params
 from graftline.data.dataset import Dataset
@@ -82,13 +82,10 @@ def run(
             np.random.default_rng(d.seed).choice(len(pool), d.corpus_limit, replace=False)
         )
     corpus_part = Part(pool.images, np.full(len(rows), -1, np.int64), index=rows)
-    corpus_items = module_of([corpus_part], train)
-    soft = predict_proba(teacher_model, corpus_items, temperature=d.temperature)
-    teacher_val = float(
-        np.mean(predict_proba(teacher_model, data_module(val)).argmax(1) == val.labels)
-    )
+    soft, teacher_val = _label_corpus(params, teacher_model, corpus_part, train, val)
     log.info(
-        "distill: the teacher labelled %d corpus images (T=%g); its val accuracy %.4f",
+        "distill: the teacher (%s) labelled %d corpus items (T=%g); its val accuracy %.4f",
+        d.teacher,
         len(rows),
         d.temperature,
         teacher_val,
@@ -158,6 +155,7 @@ def run(
     n_teacher = sum(t.numel() for t in teacher_model.parameters())
     metrics = {
         "val_acc": result.best_val_acc,
+        "teacher": d.teacher,
         "teacher_val_acc": teacher_val,
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
@@ -198,6 +196,53 @@ def run(
         "history": {"student": history},
         "artifacts": [reports / "history.csv"],
     }
+
+
+def _label_corpus(
+    params: Params, teacher: Classifier, corpus: Part, train: Dataset, val: Dataset
+) -> tuple[np.ndarray, float]:
+    """The corpus's soft targets at ``distill.temperature`` from ``distill.teacher``, and that
+    teacher's accuracy on the validation split.
+
+    ``nb_em`` and ``both`` fit naive Bayes with EM over the corpus texts (the token ids
+    decoded); ``both`` multiplies its distribution by the fine-tuned model's and normalises
+    (a product of experts: a class both find likely stays likely)."""
+    d = params.distill
+    if d.teacher != "finetuned" and not is_text_data(train):
+        raise ArtifactError(
+            f"distill.teacher: {d.teacher}: naive Bayes + EM reads words, and the task's data "
+            "are images; use teacher: finetuned"
+        )
+    networks: list[np.ndarray] = []
+    if d.teacher in ("finetuned", "both"):
+        items = module_of([corpus], train)
+        networks = [
+            predict_proba(teacher, items, temperature=d.temperature),
+            predict_proba(teacher, data_module(val)),
+        ]
+    if d.teacher == "finetuned":
+        soft, val_p = networks
+    else:
+
+        def text(ids: np.ndarray, index: np.ndarray | None = None) -> list[str]:
+            return nb_em.decode_texts(ids, train.transform, index)
+
+        corpus_texts = text(corpus.items, corpus.index)
+        model = nb_em.fit_nb_em(
+            text(train.images), train.labels, corpus_texts, len(train.classes),
+            **d.nb_em.model_dump(),
+        )  # fmt: skip
+        soft = nb_em.nb_em_proba(model, corpus_texts, d.temperature)
+        val_p = nb_em.nb_em_proba(model, text(val.images))
+        if d.teacher == "both":
+            soft, val_p = _product(soft, networks[0]), _product(val_p, networks[1])
+    return soft, float(np.mean(val_p.argmax(1) == val.labels))
+
+
+def _product(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """The normalised product of two rows of class distributions."""
+    r = np.maximum(p, 1e-12) * np.maximum(q, 1e-12)
+    return r / r.sum(axis=1, keepdims=True)
 
 
 def _pretrained_student(path: Path, shape: tuple[int, ...], num_classes: int) -> Classifier:

@@ -49,6 +49,7 @@ TEXT_PARAMS = {
     },
     "distill": {  # soft targets over the corpus, then a round of label propagation
         "enabled": True,
+        "teacher": "both",  # the fine-tuned model's and naive Bayes + EM's, multiplied
         "corpus_limit": 300,
         "train": {"epochs": 1, "batch_size": 32, "lr": 0.003, "num_threads": 1},
         "propagate": {"rounds": 1, "epochs": 1, "pca": 8, "neighbours": 10},
@@ -75,6 +76,8 @@ def test_text_trains_through_the_flow_and_serves_as_evaluated(
     status = dvc(repo, tool_env(repo), "status")
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
     assert metrics["test_size"] == 1000  # the testing reviews, all of them
+    distilled = json.loads((repo / "reports/distill/metrics.json").read_text())
+    assert distilled["teacher"] == "both" and distilled["corpus_images"] == 300
     history = pd.read_csv(repo / "reports/pretrain/history.csv")
     assert {"val_perplexity", "val_knn_acc"} <= set(history.columns)
     assert (repo / "data/processed/task/tokenizer.json").exists()
@@ -106,6 +109,7 @@ def test_text_trains_through_the_flow_and_serves_as_evaluated(
     tracking.configure(repo)
     version = MlflowClient().get_model_version(name, "1")
     assert "Input: texts; tokenizer byte-level BPE with 800 tokens" in version.description
+    assert "from that model and naive Bayes trained with EM" in version.description
     assert float(version.tags["graftline.export.onnx_max_abs_diff"]) < 1e-4
     assert version.tags["graftline.export.huggingface"] == "LlamaForSequenceClassification"
     assert_hugging_face_answers_as(name, "1", texts_some, expected)

@@ -21,6 +21,8 @@ def test_repo_params_are_valid() -> None:
         ({"preprocess": {"task": {"val_fraction": 0.5, "test_fraction": 0.5}}}, "preprocess.task"),
         ({"preprocess": {"task": {"source": {"kind": "idx", "images": "x"}}}}, "labels"),
         ({"preprocess": {"task": {"labels_per_class": 0}}}, "labels_per_class"),
+        ({"distill": {"enabled": True, "teacher": "nb_em"}}, "naive Bayes + EM reads words"),
+        ({"distill": {"nb_em": {"ngrams": 4}}}, "distill.nb_em.ngrams"),
     ],
 )
 def test_bad_params_name_the_key(data: dict, needle: str) -> None:
