@@ -1,4 +1,5 @@
-"""Scheduled retraining: the pipeline as a Prefect deployment with a cron schedule.
+"""Scheduled retraining: the pipeline as a Prefect deployment on a cron schedule (or every so
+many seconds: ``every``).
 
 ``graftline schedule`` serves it from one process, against a Prefect server that runs the
 scheduler service (it starts one when none is configured); ``prefect.yaml`` declares the same
@@ -20,12 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from prefect.exceptions import TerminationSignal
 from prefect.runner import Runner
-from prefect.schedules import Cron
+from prefect.schedules import Cron, Interval
 
 from flows.pipeline import pipeline
 
@@ -40,11 +42,16 @@ def retraining_deployment(
     root: str = ".",
     params: str = "params.yaml",
     timezone: str = "UTC",
+    every: timedelta | None = None,
 ) -> Any:
-    """The deployment object: the pipeline with deploy and push on, on a cron schedule."""
+    """The deployment object: the pipeline with deploy and push on, on the ``cron`` schedule,
+    or, given ``every``, at that interval (from when it is registered)."""
+    schedule = (
+        Cron(cron, timezone=timezone) if every is None else Interval(every, timezone=timezone)
+    )
     return pipeline.to_deployment(
         name=name,
-        schedule=Cron(cron, timezone=timezone),
+        schedule=schedule,
         parameters={
             "root": str(Path(root).resolve()),
             "params": params,
@@ -78,18 +85,19 @@ def serve_retraining(
     root: str = ".",
     params: str = "params.yaml",
     timezone: str = "UTC",
+    every: timedelta | None = None,
 ) -> None:
     """Register the deployment and run its scheduled (and triggered) runs until stopped
     (Ctrl-C or SIGTERM, which cancel a run in progress)."""
-    deployment = retraining_deployment(cron, name, root, params, timezone)
+    deployment = retraining_deployment(cron, name, root, params, timezone, every)
     runner = _Runner(pause_on_shutdown=False, limit=1)
     runner.add_deployment(deployment)
     log.info(
-        "serving %s/%s: cron %r (%s), one run at a time; run it now with "
+        "serving %s/%s: %s (%s), one run at a time; run it now with "
         "`prefect deployment run '%s/%s'`",
         pipeline.name,
         name,
-        cron,
+        f"cron {cron!r}" if every is None else f"every {every}",
         timezone,
         pipeline.name,
         name,

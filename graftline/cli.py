@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -176,6 +177,23 @@ def cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_every(text: str) -> timedelta:
+    """``--every``: seconds, or a number with a unit (``90``, ``30s``, ``10m``, ``6h``, ``1d``)."""
+    value, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    try:
+        seconds = float(value) * _UNITS[unit]
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a positive duration (seconds, or with a unit: 30s, 10m, 6h, 1d)"
+        )
+    return timedelta(seconds=seconds)
+
+
 def _check_schedule(cron: str, timezone: str) -> None:
     """A bad cron expression or time zone fails before any server starts."""
     import zoneinfo
@@ -229,7 +247,11 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         )
     try:
         serve_retraining(
-            cron=args.cron, name=args.name, params=str(args.params), timezone=args.timezone
+            cron=args.cron,
+            name=args.name,
+            params=str(args.params),
+            timezone=args.timezone,
+            every=args.every,
         )
     finally:
         # Anything a cancelled run left behind; the server stops last, at exit, once
@@ -447,14 +469,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(
         "schedule",
-        help="retrain on a cron schedule: serve the Prefect deployment until stopped",
+        help="retrain on a cron schedule (or --every): serve the Prefect deployment until stopped",
         description="Serve the deployment graftline-pipeline/scheduled-retraining: at every "
         "cron time the pipeline runs (retrain, gate, promote, push), one run at a time. "
         "Without PREFECT_API_URL a Prefect server with its scheduler runs beside it and stops "
         "with it. Ctrl-C or SIGTERM stops it, and a run in progress; the schedule stays on.",
     )
-    p.add_argument(
+    when = p.add_mutually_exclusive_group()
+    when.add_argument(
         "--cron", default=DEFAULT_CRON, help=f"cron schedule (default: {DEFAULT_CRON!r})"
+    )
+    when.add_argument(
+        "--every",
+        type=parse_every,
+        metavar="DURATION",
+        help="instead of a cron schedule, retrain at this interval from now: seconds, or "
+        "30s, 10m, 6h, 1d",
     )
     p.add_argument(
         "--timezone", default="UTC", help="IANA time zone of the cron times (default: UTC)"

@@ -256,3 +256,25 @@ def test_scheduled_deployment_runs_through_the_api(server: str, tmp_path: Path) 
     assert any(remote.rglob("*")), "nothing pushed to the DVC remote"
     status = dvc(repo, env, "status", "--cloud")
     assert "in sync" in status.stdout
+
+
+def test_every_schedules_at_an_interval_and_bad_durations_are_refused() -> None:
+    import argparse
+    from datetime import timedelta
+
+    from flows.schedule import retraining_deployment
+    from graftline.cli import parse_every
+
+    every = retraining_deployment("* * * * *", every=parse_every("10m"))
+    assert [s.schedule.interval for s in every.schedules] == [timedelta(minutes=10)]
+    assert parse_every("90") == timedelta(seconds=90) and parse_every("1.5h").seconds == 5400
+    assert [s.schedule.cron for s in retraining_deployment(CRON).schedules] == [CRON]
+    for bad in ("0", "-5m", "ten", "5x", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="not a positive duration"):
+            parse_every(bad)
+    both = subprocess.run(
+        [sys.executable, "-m", "graftline.cli", "schedule", "--every", "5m", "--cron", CRON],
+        capture_output=True,
+        text=True,
+    )
+    assert both.returncode == 2 and "not allowed with argument --every" in both.stderr
