@@ -196,6 +196,9 @@ def main() -> None:
             full.source,
             transform=full.transform,
         )
+        corpus = load_split(work / "processed/pretrain", "train", mmap=True)
+        corpus_texts = decode_texts(corpus.images, corpus.transform)  # for nb_em, once
+        test_texts = decode_texts(test.images, test.transform)
         for budget in args.budgets:
             for draw in args.draws if budget != "all" else args.draws[:1]:
                 k: int | str = "all" if budget == "all" else int(budget)
@@ -213,15 +216,14 @@ def main() -> None:
                     row["tfidf_min"] = (time.perf_counter() - t) / 60
                 if "nb_em" in args.routes:  # naive Bayes + EM over the corpus, on its own
                     t = time.perf_counter()
-                    corpus = load_split(work / "processed/pretrain", "train", mmap=True)
                     em = fit_nb_em(
                         decode_texts(labelled.images, labelled.transform),
                         labelled.labels,
-                        decode_texts(corpus.images, corpus.transform),
+                        corpus_texts,
                         len(labelled.classes),
                         **base.distill.nb_em.model_dump(),
                     )
-                    proba = nb_em_proba(em, decode_texts(test.images, test.transform))
+                    proba = nb_em_proba(em, test_texts)
                     row["nb_em"], row["nb_em_f1"] = scores(test.labels, proba)
                     row["nb_em_min"] = (time.perf_counter() - t) / 60
                 for strategy in strategies(args.routes):
