@@ -363,6 +363,10 @@ def _runtime_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+# add_parser for a subcommand, with the options every command shares
+Command = Callable[..., argparse.ArgumentParser]
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="graftline",
@@ -387,68 +391,18 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[common], **kwargs)
 
+    _pipeline_commands(command)
+    _registry_commands(command)
+    _serving_commands(command)
+    return ap
+
+
+def _pipeline_commands(command: Command) -> None:
+    """run, reproduce, schedule."""
     p = command("run", help="run the pipeline as a Prefect flow, then gate and deploy")
     p.add_argument("--no-deploy", action="store_true", help="stop after evaluate")
     p.add_argument("--push", action="store_true", help="dvc push data and models afterwards")
     p.set_defaults(func=cmd_run)
-
-    p = command("promote", help="make VERSION the champion (through the gate unless --force)")
-    p.add_argument("version", help="registered model version number")
-    p.add_argument("--force", action="store_true", help="skip the gate (never the race check)")
-    p.add_argument("--reason", default="", help="why, recorded in the history")
-    p.set_defaults(func=cmd_promote)
-
-    p = command("rollback", help="put back the champion the current one replaced")
-    p.add_argument("--reason", default="manual rollback", help="why, recorded in the history")
-    p.set_defaults(func=cmd_rollback)
-
-    p = command("history", help="champions over time, with reasons")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_history)
-
-    p = command(
-        "status",
-        help="one screen: what is stale, the champion, the last and next flow run, the servers",
-        description="What DVC finds stale, which version is champion (accuracy, since when), "
-        "whether a pipeline is running, the last flow run and its state, the next scheduled "
-        "run, and where MLflow and the model service are.",
-    )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument(
-        "--serve-url",
-        default="http://127.0.0.1:8000",
-        help="the model service to check (default: graftline serve's http://127.0.0.1:8000)",
-    )
-    p.set_defaults(func=cmd_status)
-
-    p = command("serve", help="HTTP service and web page for the champion (follows the alias)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--poll", type=float, default=2.0, help="seconds between alias checks")
-    p.add_argument("--max-batch", type=int, default=256, help="largest batch per request")
-    p.add_argument(
-        "--max-bytes",
-        type=int,
-        default=5 * 1024 * 1024,
-        help="largest request body or uploaded file, in bytes",
-    )
-    _runtime_option(p)
-    p.set_defaults(func=cmd_serve)
-
-    p = command("predict", help="batch prediction: images or texts in, a CSV of answers out")
-    p.add_argument(
-        "input",
-        type=Path,
-        help="image models: a folder of images or a CSV of pixel columns; text models: a "
-        ".txt file (a text per line) or a CSV, JSONL or Parquet table",
-    )
-    p.add_argument(
-        "--text-column", default="text", help="text models: the table's text column (text)"
-    )
-    p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="output CSV")
-    p.add_argument("--version", help="registered version (default: the champion)")
-    _runtime_option(p)
-    p.set_defaults(func=cmd_predict)
 
     p = command(
         "reproduce",
@@ -497,7 +451,70 @@ def build_parser() -> argparse.ArgumentParser:
         "unset (default: a free port)",
     )
     p.set_defaults(func=cmd_schedule)
-    return ap
+
+
+def _registry_commands(command: Command) -> None:
+    """promote, rollback, history, status."""
+    p = command("promote", help="make VERSION the champion (through the gate unless --force)")
+    p.add_argument("version", help="registered model version number")
+    p.add_argument("--force", action="store_true", help="skip the gate (never the race check)")
+    p.add_argument("--reason", default="", help="why, recorded in the history")
+    p.set_defaults(func=cmd_promote)
+
+    p = command("rollback", help="put back the champion the current one replaced")
+    p.add_argument("--reason", default="manual rollback", help="why, recorded in the history")
+    p.set_defaults(func=cmd_rollback)
+
+    p = command("history", help="champions over time, with reasons")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_history)
+
+    p = command(
+        "status",
+        help="one screen: what is stale, the champion, the last and next flow run, the servers",
+        description="What DVC finds stale, which version is champion (accuracy, since when), "
+        "whether a pipeline is running, the last flow run and its state, the next scheduled "
+        "run, and where MLflow and the model service are.",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--serve-url",
+        default="http://127.0.0.1:8000",
+        help="the model service to check (default: graftline serve's http://127.0.0.1:8000)",
+    )
+    p.set_defaults(func=cmd_status)
+
+
+def _serving_commands(command: Command) -> None:
+    """serve, predict."""
+    p = command("serve", help="HTTP service and web page for the champion (follows the alias)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--poll", type=float, default=2.0, help="seconds between alias checks")
+    p.add_argument("--max-batch", type=int, default=256, help="largest batch per request")
+    p.add_argument(
+        "--max-bytes",
+        type=int,
+        default=5 * 1024 * 1024,
+        help="largest request body or uploaded file, in bytes",
+    )
+    _runtime_option(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = command("predict", help="batch prediction: images or texts in, a CSV of answers out")
+    p.add_argument(
+        "input",
+        type=Path,
+        help="image models: a folder of images or a CSV of pixel columns; text models: a "
+        ".txt file (a text per line) or a CSV, JSONL or Parquet table",
+    )
+    p.add_argument(
+        "--text-column", default="text", help="text models: the table's text column (text)"
+    )
+    p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="output CSV")
+    p.add_argument("--version", help="registered version (default: the champion)")
+    _runtime_option(p)
+    p.set_defaults(func=cmd_predict)
 
 
 class ConsoleFormatter(logging.Formatter):
