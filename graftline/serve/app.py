@@ -13,7 +13,7 @@ import io
 import math
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib.resources import files as resource_files
 from typing import Any
@@ -209,6 +209,33 @@ def create_app(
             headers=getattr(exc, "headers", None),
         )
 
+    _status_routes(app, follower, champion, authorize)
+
+    _predict_routes(
+        app,
+        follower,
+        champion,
+        authorize,
+        max_batch=max_batch,
+        max_upload_bytes=max_upload_bytes,
+        max_text_chars=max_text_chars,
+    )
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> str:
+        return resource_files("graftline.serve").joinpath("page.html").read_text()
+
+    return app
+
+
+def _status_routes(
+    app: FastAPI,
+    follower: ChampionFollower,
+    champion: Callable[[], LoadedModel],
+    authorize: Callable[[Request], None],
+) -> None:
+    """GET /health (the process), /ready (a model is loaded) and /model (what it is)."""
+
     @app.get("/health", summary="The process is up")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
@@ -239,6 +266,19 @@ def create_app(
         info = champion().info
         return {**info, "warning": follower.warning} if follower.warning else info
 
+
+def _predict_routes(
+    app: FastAPI,
+    follower: ChampionFollower,
+    champion: Callable[[], LoadedModel],
+    authorize: Callable[[Request], None],
+    *,
+    max_batch: int,
+    max_upload_bytes: int,
+    max_text_chars: int,
+) -> None:
+    """POST /predict (JSON pixels or texts, or uploaded files) and /predict/image (files)."""
+
     @app.post(
         "/predict",
         response_model=PredictResponse,
@@ -264,20 +304,7 @@ def create_app(
             if not uploads:
                 raise HTTPException(400, "multipart request without 'files'")
             return await predict_uploads(uploads)
-        length = int(request.headers.get("content-length") or 0)
-        if length > max_upload_bytes:
-            raise HTTPException(
-                413, f"payload of {length} bytes is over the limit of {max_upload_bytes}"
-            )
-        body = await request.body()
-        if len(body) > max_upload_bytes:
-            raise HTTPException(413, f"payload over the limit of {max_upload_bytes} bytes")
-        try:
-            req = PredictRequest.model_validate_json(body)
-        except ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(str(p) for p in first.get("loc", ())) or "body"
-            raise HTTPException(422, f"{where}: {first['msg']}") from None
+        req = await _json_request(request, max_upload_bytes)
         loaded = champion()  # taken once: the whole request uses this version
         if loaded.text:
             if req.texts is None:
@@ -311,24 +338,42 @@ def create_app(
         loaded = champion()
         if loaded.text:
             raise HTTPException(400, 'this model reads texts: send {"texts": ["...", ...]}')
-        images = []
-        for f in files:
-            data = await f.read(max_upload_bytes + 1)
-            if len(data) > max_upload_bytes:
-                raise HTTPException(
-                    413, f"{f.filename}: over the limit of {max_upload_bytes} bytes"
-                )
-            if not data:
-                raise HTTPException(400, f"{f.filename}: empty file")
-            images.append(decode_image(data, f.filename or "upload", loaded.transform))
-        proba = loaded.predict_proba(np.stack(images))
+        images = await _uploaded_images(files, loaded.transform, max_upload_bytes)
+        proba = loaded.predict_proba(images)
         return JSONResponse(_answer(loaded, follower.name, proba))
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page() -> str:
-        return resource_files("graftline.serve").joinpath("page.html").read_text()
 
-    return app
+async def _json_request(request: Request, max_bytes: int) -> PredictRequest:
+    """A JSON /predict body, refused (413) over ``max_bytes`` and (422) when it is not a
+    :class:`PredictRequest`, naming the first bad field."""
+    length = int(request.headers.get("content-length") or 0)
+    if length > max_bytes:
+        raise HTTPException(413, f"payload of {length} bytes is over the limit of {max_bytes}")
+    body = await request.body()
+    if len(body) > max_bytes:
+        raise HTTPException(413, f"payload over the limit of {max_bytes} bytes")
+    try:
+        return PredictRequest.model_validate_json(body)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        raise HTTPException(422, f"{where}: {first['msg']}") from None
+
+
+async def _uploaded_images(
+    files: list[Any], transform: dict[str, Any], max_bytes: int
+) -> np.ndarray:
+    """Uploaded image files as the model's input batch; an empty file (400), one over
+    ``max_bytes`` (413) or one that does not decode (400) is refused by name."""
+    images = []
+    for f in files:
+        data = await f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise HTTPException(413, f"{f.filename}: over the limit of {max_bytes} bytes")
+        if not data:
+            raise HTTPException(400, f"{f.filename}: empty file")
+        images.append(decode_image(data, f.filename or "upload", transform))
+    return np.stack(images)
 
 
 def serve(
