@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from graftline.data.modules import DataModule
+from graftline.data.modules import DataModule, cut_to_longest
 from graftline.hub import quiet_transformers
 from graftline.serve.predict import encode_texts
 
@@ -202,9 +202,7 @@ class OnnxClassifier:
         to its longest row as the data module cuts it."""
         out = []
         for i in range(0, len(ids), batch_size):
-            rows = np.asarray(ids[i : i + batch_size], dtype=np.int64)
-            used = np.flatnonzero((rows != pad_id).any(axis=0))
-            rows = np.ascontiguousarray(rows[:, : int(used[-1]) + 1 if len(used) else 1])
+            rows = cut_to_longest(np.asarray(ids[i : i + batch_size]), pad_id)
             out.append(self._proba({"input_ids": rows, "attention_mask": rows != pad_id}))
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 

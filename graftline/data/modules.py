@@ -267,6 +267,14 @@ class ImageData(DataModule):
         return ImageData([part], self.classes, self.transform, self.augmentation)
 
 
+def cut_to_longest(ids: np.ndarray, pad_id: int) -> np.ndarray:
+    """Right-padded token rows cut to the longest row's width (at least one column), as one
+    contiguous int64 array: what a batch of token ids becomes before a model reads it."""
+    used = np.flatnonzero((ids != pad_id).any(axis=0))
+    width = int(used[-1]) + 1 if len(used) else 1
+    return np.ascontiguousarray(ids[:, :width]).astype(np.int64)
+
+
 class TokenData(DataModule):
     """Token sequences: int rows ``(N, max_len)`` of token ids padded with ``pad_id`` (the
     processed store's layout, memory-mapped or not). A batch is cut to its longest item, and
@@ -288,9 +296,7 @@ class TokenData(DataModule):
 
     def collate(self, rows: list[np.ndarray], order: np.ndarray) -> torch.Tensor:
         ids = rows[0] if len(rows) == 1 else np.concatenate(rows)[order]
-        used = np.flatnonzero((ids != self.pad_id).any(axis=0))
-        width = int(used[-1]) + 1 if len(used) else 1
-        return torch.from_numpy(np.ascontiguousarray(ids[:, :width]).astype(np.int64))
+        return torch.from_numpy(cut_to_longest(ids, self.pad_id))
 
     def read(self, index: np.ndarray) -> Batch:
         batch = super().read(index)
