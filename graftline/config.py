@@ -726,6 +726,14 @@ class NbEmParams(_Strict):
         default=0.3, gt=0, le=1, description="what a corpus text counts against a labelled one"
     )
     rounds: int = Field(default=5, ge=0, description="EM rounds over the corpus")
+    components: dict[str, Annotated[int, Field(ge=1)]] = Field(
+        default_factory=dict,
+        description="mixture components of a class, by class name (others: 1); a class made "
+        "of several kinds of text (other: one to four stars) fits better with several",
+    )
+    restarts: int = Field(
+        default=5, ge=1, description="EM from this many random splits of the components"
+    )
 
 
 class DistillParams(_Strict):

@@ -42,6 +42,41 @@ def decode_texts(
     return out
 
 
+class NaiveBayesEM:
+    """A fitted naive Bayes + EM model: the word counts, and a multinomial naive Bayes whose
+    classes are mixture components, each owned by one of the task's classes."""
+
+    def __init__(self, vectorizer: Any, nb: Any, owner: np.ndarray, num_classes: int) -> None:
+        self.vectorizer, self.nb, self.owner, self.num_classes = vectorizer, nb, owner, num_classes
+
+    def predict_log_proba(self, texts: list[str]) -> np.ndarray:
+        """Log-probabilities of the task's classes (its components' summed)."""
+        from scipy.special import logsumexp
+
+        lp = self.nb.predict_log_proba(self.vectorizer.transform(texts))
+        return np.stack(
+            [logsumexp(lp[:, self.owner == c], axis=1) for c in range(self.num_classes)], axis=1
+        )
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        return np.exp(self.predict_log_proba(texts))
+
+
+def settings(params: Any, classes: list[str], seed: int = 0) -> dict[str, Any]:
+    """:func:`fit_nb_em`'s keywords from ``distill.nb_em`` (:class:`graftline.config.NbEmParams`)
+    for a task with ``classes``: ``components`` named by class become counts in class order
+    (1 for a class not named); a name that is no class is refused."""
+    kw = params.model_dump()
+    named = kw.pop("components")
+    unknown = sorted(set(named) - set(classes))
+    if unknown:
+        raise ValueError(
+            f"distill.nb_em.components: no class {', '.join(map(repr, unknown))} "
+            f"(the classes are {', '.join(map(repr, classes))})"
+        )
+    return {**kw, "components": [named.get(c, 1) for c in classes], "seed": seed}
+
+
 def fit_nb_em(
     texts: list[str],
     labels: np.ndarray,
@@ -53,17 +88,22 @@ def fit_nb_em(
     alpha: float = 0.1,
     corpus_weight: float = 0.3,
     rounds: int = 5,
-) -> Any:
+    components: list[int] | None = None,
+    restarts: int = 5,
+    seed: int = 0,
+) -> NaiveBayesEM:
     """Multinomial naive Bayes on ``texts`` (labels ``0..num_classes-1``), improved by
-    ``rounds`` of EM over the unlabelled ``corpus``; returns a fitted scikit-learn pipeline
-    (binary word n-gram counts, then the classifier) whose ``predict_proba`` takes texts.
+    ``rounds`` of EM over the unlabelled ``corpus``; returns the fitted model, whose
+    ``predict_proba`` takes texts.
 
     The vocabulary is the words seen in at least ``min_df`` of the texts and the corpus;
-    ``corpus_weight`` is how much a corpus text counts against a labelled one."""
-    import scipy.sparse as sp
+    ``corpus_weight`` is how much a corpus text counts against a labelled one.
+    ``components[c]`` mixture components model class ``c`` (Nigam et al., section 5.3: a
+    class made of several kinds of text, as "other" is of one- to four-star reviews, is not
+    one multinomial): EM shares the class's texts among them, from ``restarts`` random splits
+    (``seed``), and the likeliest fit is kept."""
     from sklearn.feature_extraction.text import CountVectorizer
     from sklearn.naive_bayes import MultinomialNB
-    from sklearn.pipeline import make_pipeline
 
     labels = np.asarray(labels)
     if len(texts) != len(labels):
@@ -72,28 +112,85 @@ def fit_nb_em(
         raise ValueError("naive Bayes + EM needs at least one labelled text")
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"labels must lie in 0..{num_classes - 1}")
+    counts = [1] * num_classes if components is None else list(components)
+    if len(counts) != num_classes or min(counts) < 1:
+        raise ValueError(f"components: one count >= 1 per class, got {counts}")
+    owner = np.repeat(np.arange(num_classes), counts)  # component -> its class
+    k = len(owner)
     vectorizer = CountVectorizer(
         ngram_range=(1, ngrams), binary=True, min_df=min(min_df, len(texts) + len(corpus))
     )
     vectorizer.fit(list(texts) + list(corpus))
     x = vectorizer.transform(texts)
     u = vectorizer.transform(corpus)
-    classes = np.arange(num_classes)
-    nb = MultinomialNB(alpha=alpha)
-    nb.partial_fit(x, labels, classes=classes)  # every class known, even one with no label
-    # The M step's items: the labelled texts, then the corpus once per class (weighted by
-    # that class's share of each text); only the weights change from round to round.
-    stacked = sp.vstack([x] + [u] * num_classes)
-    y = np.concatenate([labels, np.repeat(classes, u.shape[0])])
-    for _ in range(rounds if len(corpus) else 0):
-        share = nb.predict_proba(u)  # columns: every class, as partial_fit was told
-        w = np.concatenate([np.ones(len(labels)), corpus_weight * share.T.ravel()])
+    first = MultinomialNB(alpha=alpha)  # the labels alone: EM's start
+    first.partial_fit(x, labels, classes=np.arange(num_classes))  # a class with no label too
+    share_x = np.eye(num_classes)[labels]
+    share_u = first.predict_proba(u) if len(corpus) else np.zeros((0, num_classes))
+    lam = corpus_weight if rounds and len(corpus) else 0.0
+    rng = np.random.default_rng(seed)
+    best: tuple[float, Any] | None = None
+    # With one component a class, every start is the same; with more, EM finds a local
+    # optimum of the likelihood from a random split of each class: keep the likeliest.
+    for _ in range(restarts if k > num_classes else 1):
+        r_x, r_u = _split(share_x, owner, rng), _split(share_u, owner, rng)
+        fitted = _em(x, u, labels, owner, r_x, r_u, alpha=alpha, lam=lam, rounds=rounds)
+        if best is None or fitted[0] > best[0]:
+            best = fitted
+    assert best is not None
+    return NaiveBayesEM(vectorizer, best[1], owner, num_classes)
+
+
+def _split(class_share: np.ndarray, owner: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Responsibilities over the components from each text's class distribution: a class's
+    share goes whole to one of its components, drawn at random."""
+    r = np.zeros((len(class_share), len(owner)))
+    for c in range(class_share.shape[1]):
+        own = np.flatnonzero(owner == c)
+        r[np.arange(len(r)), rng.choice(own, size=len(r))] += class_share[:, c]
+    return r
+
+
+def _em(
+    x: Any,
+    u: Any,
+    labels: np.ndarray,
+    owner: np.ndarray,
+    r_x: np.ndarray,
+    r_u: np.ndarray,
+    *,
+    alpha: float,
+    lam: float,
+    rounds: int,
+) -> tuple[float, Any]:
+    """EM from the responsibilities ``r_x`` (labelled texts, within their class) and ``r_u``
+    (corpus); returns the log-likelihood (the labelled texts' plus ``lam`` times the
+    corpus's) and the fitted naive Bayes over the components."""
+    import scipy.sparse as sp
+    from scipy.special import logsumexp
+    from sklearn.naive_bayes import MultinomialNB
+
+    k = len(owner)
+    foreign = owner[None, :] != labels[:, None]  # a labelled text's other classes
+    # The M step's items: the labelled texts, then the corpus, once per component (weighted
+    # by that component's share of each text); only the weights change from round to round.
+    stacked = sp.vstack([x] * k + [u] * k)
+    y = np.concatenate([np.repeat(np.arange(k), x.shape[0]), np.repeat(np.arange(k), u.shape[0])])
+    for step in range(max(rounds, 1)):
         nb = MultinomialNB(alpha=alpha)
-        nb.partial_fit(stacked, y, classes=classes, sample_weight=w)
-    return make_pipeline(vectorizer, nb)
+        w = np.concatenate([r_x.T.ravel(), lam * r_u.T.ravel()])
+        nb.partial_fit(stacked, y, classes=np.arange(k), sample_weight=w)
+        jl_x = nb.predict_joint_log_proba(x)
+        jl_x[foreign] = -np.inf
+        jl_u = nb.predict_joint_log_proba(u) if u.shape[0] else np.zeros((0, k))
+        if step + 1 < rounds:  # E step
+            r_x = np.exp(jl_x - logsumexp(jl_x, axis=1, keepdims=True))
+            r_u = np.exp(jl_u - logsumexp(jl_u, axis=1, keepdims=True))
+    ll = logsumexp(jl_x, axis=1).sum() + lam * logsumexp(jl_u, axis=1).sum()
+    return float(ll), nb
 
 
-def nb_em_proba(model: Any, texts: list[str], temperature: float = 1.0) -> np.ndarray:
+def nb_em_proba(model: NaiveBayesEM, texts: list[str], temperature: float = 1.0) -> np.ndarray:
     """Class distributions of ``texts``, softened by ``temperature`` as a network's logits
     would be (the log-probabilities divided by it)."""
     log_p = model.predict_log_proba(texts) / temperature

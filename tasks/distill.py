@@ -227,11 +227,14 @@ def _label_corpus(
         def text(ids: np.ndarray, index: np.ndarray | None = None) -> list[str]:
             return nb_em.decode_texts(ids, train.transform, index)
 
+        try:
+            kw = nb_em.settings(d.nb_em, train.classes, d.seed)
+        except ValueError as exc:
+            raise ArtifactError(str(exc)) from None
         corpus_texts = text(corpus.items, corpus.index)
         model = nb_em.fit_nb_em(
-            text(train.images), train.labels, corpus_texts, len(train.classes),
-            **d.nb_em.model_dump(),
-        )  # fmt: skip
+            text(train.images), train.labels, corpus_texts, len(train.classes), **kw
+        )
         soft = nb_em.nb_em_proba(model, corpus_texts, d.temperature)
         val_p = nb_em.nb_em_proba(model, text(val.images))
         if d.teacher == "both":

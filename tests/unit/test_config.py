@@ -23,6 +23,7 @@ def test_repo_params_are_valid() -> None:
         ({"preprocess": {"task": {"labels_per_class": 0}}}, "labels_per_class"),
         ({"distill": {"enabled": True, "teacher": "nb_em"}}, "naive Bayes + EM reads words"),
         ({"distill": {"nb_em": {"ngrams": 4}}}, "distill.nb_em.ngrams"),
+        ({"distill": {"nb_em": {"components": {"other": 0}}}}, "distill.nb_em.components.other"),
     ],
 )
 def test_bad_params_name_the_key(data: dict, needle: str) -> None:

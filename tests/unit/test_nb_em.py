@@ -1,15 +1,16 @@
 """Naive Bayes + EM over an unlabelled corpus (graftline.nb_em): EM learns the words the labels
-never show, beats naive Bayes alone on the real reviews' test split, decodes token ids back
-to texts, and refuses labels it cannot use."""
+never show, beats naive Bayes alone on the real reviews' test split, models a class made of
+two kinds of text with two mixture components, decodes token ids back to texts, and refuses
+labels and settings it cannot use."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from graftline.config import FineFoodSource, TokenizerParams
+from graftline.config import FineFoodSource, NbEmParams, TokenizerParams
 from graftline.data.text import encode, load_fine_food, token_spec, train_tokenizer
-from graftline.nb_em import decode_texts, fit_nb_em, nb_em_proba
+from graftline.nb_em import NaiveBayesEM, decode_texts, fit_nb_em, nb_em_proba, settings
 
 
 def _reviews(rng: np.random.Generator, cls: int, words: range, n: int) -> list[str]:
@@ -61,6 +62,47 @@ def test_em_beats_naive_bayes_alone_on_the_testing_reviews() -> None:
     acc_alone = np.mean(nb_em_proba(alone, list(test.images)).argmax(1) == truth)
     majority = np.mean(truth == np.bincount(truth).argmax())  # 0.658
     assert acc_em > max(acc_alone, majority) + 0.02, (acc_em, acc_alone, majority)
+
+
+def test_a_class_of_two_kinds_needs_two_components() -> None:
+    # "one-sided" texts use words of set a only or of set b only; "mixed" texts use both
+    # halves: a single multinomial per class sees the same word frequencies in both classes
+    rng = np.random.default_rng(0)
+
+    def texts(kind: str, n: int) -> list[str]:
+        def words(s: str, k: int) -> list[str]:
+            return [f"{s}{w}" for w in rng.choice(10, k)]
+
+        if kind == "mixed":
+            return [" ".join(words("a", 4) + words("b", 4)) for _ in range(n)]
+        return [" ".join(words("a" if i % 2 else "b", 8)) for i in range(n)]
+
+    labelled = texts("one-sided", 20) + texts("mixed", 20)
+    labels = np.array([0] * 20 + [1] * 20)
+    corpus = texts("one-sided", 200) + texts("mixed", 200)
+    test, truth = texts("one-sided", 50) + texts("mixed", 50), np.array([0] * 50 + [1] * 50)
+
+    def fitted(components: list[int] | None, seed: int = 0) -> NaiveBayesEM:
+        return fit_nb_em(
+            labelled, labels, corpus, 2, min_df=1, rounds=20, components=components, seed=seed
+        )
+
+    def accuracy(em: NaiveBayesEM) -> float:
+        return float(np.mean(nb_em_proba(em, test).argmax(1) == truth))
+
+    assert accuracy(fitted(None)) <= 0.6
+    for seed in range(3):  # the likeliest of the restarts, whatever the random splits
+        assert accuracy(fitted([2, 1], seed)) >= 0.95, seed
+    assert np.allclose(fitted([2, 1]).predict_proba(test).sum(1), 1)  # components' summed
+
+
+def test_components_are_named_by_class() -> None:
+    kw = settings(NbEmParams(components={"other": 4}), ["great", "other"], seed=3)
+    assert kw["components"] == [1, 4] and kw["seed"] == 3
+    with pytest.raises(ValueError, match=r"distill\.nb_em\.components: no class 'bad'"):
+        settings(NbEmParams(components={"bad": 2}), ["great", "other"])
+    with pytest.raises(ValueError, match="one count >= 1 per class"):
+        fit_nb_em(["a", "b"], np.array([0, 1]), [], 2, components=[1])
 
 
 def test_token_ids_decode_back_to_their_texts() -> None:
