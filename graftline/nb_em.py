@@ -17,11 +17,14 @@ regression on the same labels (``benchmarks/bench_text_few_labels.py``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from graftline.data.text import load_tokenizer
+
+if TYPE_CHECKING:
+    from graftline.config import NbEmParams
 
 # scikit-learn and SciPy are imported where they are used: the distill stage imports this
 # module on every run, and most runs never call it.
@@ -63,7 +66,7 @@ class NaiveBayesEM:
         return np.exp(self.predict_log_proba(texts))
 
 
-def settings(params: Any, classes: list[str], seed: int = 0) -> dict[str, Any]:
+def settings(params: NbEmParams, classes: list[str], seed: int = 0) -> dict[str, Any]:
     """:func:`fit_nb_em`'s keywords from ``distill.nb_em`` (:class:`graftline.config.NbEmParams`)
     for a task with ``classes``: ``components`` named by class become counts in class order
     (1 for a class not named); a name that is no class is refused."""
