@@ -33,12 +33,12 @@ from prefect.utilities.urls import url_for
 from graftline import processes, tracking
 from graftline.config import apply_preset, load_params, require_tracked_sections
 from graftline.errors import GraftlineError
+from graftline.layout import STAGES
 from tasks._stage import STAGE_LOG_ENV
 
 if TYPE_CHECKING:
     from tasks.deploy import Packaged
 
-STAGES = ("preprocess", "pretrain", "finetune", "distill", "evaluate")
 PIPELINE_LOCK = processes.PIPELINE_LOCK
 
 
@@ -281,8 +281,12 @@ def pipeline(
     params: str = "params.yaml",
     deploy_model: bool = True,
     push_artifacts: bool = False,
+    until: str | None = None,
 ) -> dict[str, Any]:
-    """preprocess -> pretrain -> finetune -> evaluate -> deploy, under one MLflow parent run."""
+    """preprocess -> pretrain -> finetune -> distill -> evaluate -> deploy, under one MLflow
+    parent run; ``until`` names the last stage to run (no gate or deploy unless it is all)."""
+    if until is not None and until not in STAGES:
+        raise ValueError(f"until: {until!r} is not a stage ({', '.join(STAGES)})")
     root_path = Path(root).resolve()
     params_path = (root_path / params).resolve()
     load_params(params_path)  # fail before any work, naming the bad key
@@ -300,11 +304,13 @@ def pipeline(
             )
             params_path = root_path / "params.yaml"
         require_tracked_sections(params_path, root_path / "dvc.yaml")
-        return _pipeline(root_path, params_path, deploy_model, push_artifacts)
+        last = STAGES.index(until) if until is not None else len(STAGES) - 1
+        deploy_model = deploy_model and until is None
+        return _pipeline(root_path, params_path, deploy_model, push_artifacts, last)
 
 
 def _pipeline(
-    root_path: Path, params_path: Path, deploy_model: bool, push_artifacts: bool
+    root_path: Path, params_path: Path, deploy_model: bool, push_artifacts: bool, last: int
 ) -> dict[str, Any]:
     from mlflow import MlflowClient
 
@@ -334,19 +340,21 @@ def _pipeline(
     }
     packaging: PrefectFuture[Packaged | str] | None = None
     try:
-        stages = [t(root_path, env) for t in (preprocess, pretrain, finetune, distill)]
+        stages = [t(root_path, env) for t in (preprocess, pretrain, finetune, distill)[: last + 1]]
         if deploy_model:
             # Packaging needs only the deployed model: it runs while evaluate does, and the
             # registry changes only after evaluate has succeeded.
             lineage = tracking.lineage_tags(root_path, flow_run_id)
             packaging = package.submit(root_path, parent_id, params_path, lineage)
-        evaluated = evaluate(root_path, env)
-        stages.append(evaluated)
+        evaluated = evaluate(root_path, env) if last == len(STAGES) - 1 else None
+        if evaluated is not None:
+            stages.append(evaluated)
         for key, value in tracking.dvc_lock_hashes(root_path).items():
             client.set_tag(parent_id, key, value)
         result: dict[str, Any] = {
             "stages": stages,
-            "metrics": evaluated["metrics"],
+            "metrics": evaluated["metrics"] if evaluated is not None else {},
+            "until": STAGES[last],
             "mlflow_run_id": parent_id,
             "mlflow_experiment_id": exp_id,
             "flow_run": {

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from graftline.config import ConfigError, Params, load_params, require_tracked_sections
 from graftline.errors import GraftlineError
+from graftline.layout import STAGES
 
 if TYPE_CHECKING:
     from graftline.registry import Registry
@@ -56,7 +57,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         connect(server)
     started = time.monotonic()
     result = pipeline(
-        root=".", params=str(args.params), deploy_model=not args.no_deploy, push_artifacts=args.push
+        root=".",
+        params=str(args.params),
+        deploy_model=not args.no_deploy,
+        push_artifacts=args.push,
+        until=args.until,
     )
     print(run_summary(result, time.monotonic() - started, temporary_server=server is not None))
     return 0
@@ -87,7 +92,9 @@ def run_summary(result: dict[str, Any], seconds: float, temporary_server: bool =
             )
     d = result.get("deploy")
     if d is None:
-        lines.append("  gate      not run (--no-deploy)")
+        until = result.get("until", "evaluate")
+        why = "--no-deploy" if until == "evaluate" else f"--until {until}"
+        lines.append(f"  gate      not run ({why})")
     elif d.get("skipped"):
         lines.append(f"  gate      model unchanged since v{d['version']}; nothing registered")
     else:
@@ -401,6 +408,12 @@ def _pipeline_commands(command: Command) -> None:
     """run, reproduce, schedule."""
     p = command("run", help="run the pipeline as a Prefect flow, then gate and deploy")
     p.add_argument("--no-deploy", action="store_true", help="stop after evaluate")
+    p.add_argument(
+        "--until",
+        choices=STAGES,
+        metavar="STAGE",
+        help="stop after this stage, no gate or deploy (" + ", ".join(STAGES) + ")",
+    )
     p.add_argument("--push", action="store_true", help="dvc push data and models afterwards")
     p.set_defaults(func=cmd_run)
 

@@ -7,6 +7,8 @@ agree, so neither can drift.
 
 from pathlib import Path
 
+# The DVC stages in the flow's order (deploy follows them, outside DVC).
+STAGES = ("preprocess", "pretrain", "finetune", "distill", "evaluate")
 PARAMS = Path("params.yaml")
 RAW = Path("data/raw")
 PROCESSED = Path("data/processed")

@@ -10,8 +10,9 @@ import yaml
 from graftline import layout as paths
 from tests.conftest import ROOT
 
+STAGES = list(paths.STAGES)
+
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-STAGES = ["preprocess", "pretrain", "finetune", "distill", "evaluate"]
 
 
 def imported_project_files(stage: str) -> set[str]:
