@@ -103,12 +103,27 @@ class _Timed(_Bare):
 CLEANUP_SECONDS = 60.0
 
 
+def _quiet_about_late_signals(unraisable: Any) -> None:
+    """``sys.unraisablehook`` once the stage is stopping. A signal whose C handler ran just
+    before the switch to ``SIG_IGN`` reaches the Python side afterwards, where CPython reports
+    it as "Signal 15 ignored due to race condition" with a traceback: that one is expected
+    and dropped; anything else is reported as usual."""
+    err = unraisable.exc_value
+    if isinstance(err, OSError) and "ignored due to race condition" in str(err):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def _interrupt(signum: int, _frame: Any) -> None:
     """The first SIGTERM or SIGINT interrupts the stage; later ones are ignored, so that they
     cannot interrupt the clean-up that closes its MLflow run as KILLED. Stopping the stage
     often signals it twice: the flow stops the stage and the shell DVC ran it through, whose
     death sends ``PR_SET_PDEATHSIG``; a signal to the process group adds one more. A
-    watchdog ends the process if the clean-up hangs."""
+    watchdog ends the process if the clean-up hangs.
+
+    ``SIG_IGN``, not a Python handler that does nothing: at exit CPython resets Python
+    handlers to ``SIG_DFL``, and a signal then would kill the process mid-exit."""
+    sys.unraisablehook = _quiet_about_late_signals
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
     watchdog = threading.Timer(CLEANUP_SECONDS, os._exit, args=(128 + signum,))
