@@ -157,14 +157,50 @@ def reproduce(
     Raises:
         GraftlineError: the version, its commit or its data cannot be found.
     """
+    root = Path(root).resolve()
+    tags, report, registered_ckpt = _registered(root, name, version)
+    commit = report.commit.removesuffix("-dirty")
+    work = Path(tempfile.mkdtemp(prefix=f"graftline-reproduce-{name}-v{version}-"))
+    tree = work / "tree"
+    log(f"checking out {commit} in {tree}")
+    _run(["git", "worktree", "add", "--detach", str(tree), commit], root)
+    try:
+        env = _prepare_tree(root, tree, work, f"{name} v{version}", log)
+        # The registered model is the student when that commit's params distil, else the
+        # fine-tuned model.
+        distilled = load_params(tree / "params.yaml").distill.enabled
+        target = "distill" if distilled else "finetune"
+        log(f"running the pipeline up to {target} from scratch (dvc repro --force)")
+        proc = subprocess.run(
+            [sys.executable, "-m", "dvc", "repro", "--force", "--no-run-cache", target],
+            cwd=tree,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            raise GraftlineError(
+                f"rebuilding {name} v{version} failed:\n{(proc.stdout + proc.stderr)[-3000:]}"
+            )
+        _compare(report, tags, tree, registered_ckpt, distilled)
+    finally:
+        if keep:
+            log(f"kept the worktree: {tree}")
+        else:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=root)
+            shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def _registered(root: Path, name: str, version: str) -> tuple[dict[str, str], Report, Path]:
+    """The version's tags, an empty report naming its commit, and its registered checkpoint
+    (downloaded), after checking that ``root``'s repository has that commit."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    root = Path(root).resolve()
-    client = MlflowClient()
     try:
-        mv = client.get_model_version(name, version)
+        mv = MlflowClient().get_model_version(name, version)
     except MlflowException:
         raise GraftlineError(f"model {name!r} has no version {version}") from None
     tags = dict(mv.tags)
@@ -190,83 +226,70 @@ def reproduce(
     found = sorted(registered_dir.rglob("model.pt"))
     if not found:
         raise GraftlineError(f"models:/{name}/{version} has no checkpoint artifact")
-    registered_ckpt = found[0]
+    return tags, report, found[0]
 
-    work = Path(tempfile.mkdtemp(prefix=f"graftline-reproduce-{name}-v{version}-"))
-    tree = work / "tree"
-    log(f"checking out {commit} in {tree}")
-    _run(["git", "worktree", "add", "--detach", str(tree), commit], root)
-    try:
-        # The checkout's DVC remotes and cache: the local config is not in git.
-        if (root / ".dvc" / "config.local").exists():
-            shutil.copy2(root / ".dvc" / "config.local", tree / ".dvc" / "config.local")
-        dvc = [sys.executable, "-m", "dvc"]
-        cache = _run([*dvc, "cache", "dir"], root).strip()
-        _run([*dvc, "config", "--local", "cache.dir", cache], tree)
-        env = {
-            **os.environ,
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
-            "DVC_NO_ANALYTICS": "1",
-        }
-        for key in ("GRAFTLINE_PARENT_RUN_ID", "GRAFTLINE_FLOW_RUN_ID", "MLFLOW_RUN_ID"):
-            env.pop(key, None)
-        tracked = _run(["git", "ls-files", "*.dvc", "**/*.dvc"], tree).split()
-        if tracked:
-            log(f"fetching {len(tracked)} DVC-tracked input(s) from the cache or the remote")
-            proc = subprocess.run(
-                [*dvc, "pull", *tracked], cwd=tree, env=env, capture_output=True, text=True
-            )
-            if proc.returncode != 0:
-                raise GraftlineError(
-                    f"the data of {name} v{version} is in neither the DVC cache nor the "
-                    f"remote ({', '.join(tracked)}):\n{proc.stderr.strip()[-2000:]}"
-                )
-        # The registered model is the student when that commit's params distil, else the
-        # fine-tuned model.
-        distilled = load_params(tree / "params.yaml").distill.enabled
-        target, folder = ("distill", "student") if distilled else ("finetune", "finetuned")
-        log(f"running the pipeline up to {target} from scratch (dvc repro --force)")
+
+def _prepare_tree(
+    root: Path, tree: Path, work: Path, what: str, log: Callable[[str], None]
+) -> dict[str, str]:
+    """Give the worktree ``root``'s DVC remotes and cache and its DVC-tracked inputs; returns
+    the environment of the rebuild (its own MLflow store in ``work``, no parent run)."""
+    # The checkout's DVC remotes and cache: the local config is not in git.
+    if (root / ".dvc" / "config.local").exists():
+        shutil.copy2(root / ".dvc" / "config.local", tree / ".dvc" / "config.local")
+    dvc = [sys.executable, "-m", "dvc"]
+    cache = _run([*dvc, "cache", "dir"], root).strip()
+    _run([*dvc, "config", "--local", "cache.dir", cache], tree)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
+        "DVC_NO_ANALYTICS": "1",
+    }
+    for key in ("GRAFTLINE_PARENT_RUN_ID", "GRAFTLINE_FLOW_RUN_ID", "MLFLOW_RUN_ID"):
+        env.pop(key, None)
+    tracked = _run(["git", "ls-files", "*.dvc", "**/*.dvc"], tree).split()
+    if tracked:
+        log(f"fetching {len(tracked)} DVC-tracked input(s) from the cache or the remote")
         proc = subprocess.run(
-            [*dvc, "repro", "--force", "--no-run-cache", target],
-            cwd=tree,
-            env=env,
-            capture_output=True,
-            text=True,
+            [*dvc, "pull", *tracked], cwd=tree, env=env, capture_output=True, text=True
         )
         if proc.returncode != 0:
             raise GraftlineError(
-                f"rebuilding {name} v{version} failed:\n{(proc.stdout + proc.stderr)[-3000:]}"
+                f"the data of {what} is in neither the DVC cache nor the "
+                f"remote ({', '.join(tracked)}):\n{proc.stderr.strip()[-2000:]}"
             )
-        lock = yaml.safe_load((tree / "dvc.lock").read_text())
-        registered_env = {k: tags.get(f"graftline.env.{k}", "") for k in ENV_KEYS}
-        rebuilt_env = _environment(tree / ".graftline" / "environment" / f"{folder}.json")
-        if all(registered_env.values()) and registered_env != rebuilt_env:
-            report.environments = (_env_text(registered_env), _env_text(rebuilt_env))
-        for what, tag, (stage, out) in HASHED:
-            if tag in tags and (stage != "distill" or distilled):
-                if report.environments and stage != "preprocess":
-                    continue  # models: compared within tolerance below, not by their bytes
-                report.checks.append(Check(what, tags[tag], _lock_md5(lock, stage, out)))
-        if "graftline.params" in tags:
-            params = load_params(tree / "params.yaml").model_dump(mode="json")
-            report.checks.append(
-                Check("params", "same", _params_diff(tags["graftline.params"], params))
-            )
-        rebuilt = tree / "models" / folder / "model.pt"
-        if report.environments:
-            report.equivalence = equivalence(registered_ckpt, rebuilt, tree / "data/processed/task")
-        else:
-            report.checks.append(Check("weights", _sha256(registered_ckpt), _sha256(rebuilt)))
-            if not report.checks[-1].ok:
-                report.notes.append(_weights_diff(registered_ckpt, rebuilt))
-    finally:
-        if keep:
-            log(f"kept the worktree: {tree}")
-        else:
-            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=root)
-            shutil.rmtree(work, ignore_errors=True)
-    return report
+    return env
+
+
+def _compare(
+    report: Report, tags: dict[str, str], tree: Path, registered_ckpt: Path, distilled: bool
+) -> None:
+    """Fill ``report`` with the rebuilt tree's hashes, params and weights against the
+    version's: bytes in the same environment, within tolerance in another."""
+    folder = "student" if distilled else "finetuned"
+    lock = yaml.safe_load((tree / "dvc.lock").read_text())
+    registered_env = {k: tags.get(f"graftline.env.{k}", "") for k in ENV_KEYS}
+    rebuilt_env = _environment(tree / ".graftline" / "environment" / f"{folder}.json")
+    if all(registered_env.values()) and registered_env != rebuilt_env:
+        report.environments = (_env_text(registered_env), _env_text(rebuilt_env))
+    for what, tag, (stage, out) in HASHED:
+        if tag in tags and (stage != "distill" or distilled):
+            if report.environments and stage != "preprocess":
+                continue  # models: compared within tolerance below, not by their bytes
+            report.checks.append(Check(what, tags[tag], _lock_md5(lock, stage, out)))
+    if "graftline.params" in tags:
+        params = load_params(tree / "params.yaml").model_dump(mode="json")
+        report.checks.append(
+            Check("params", "same", _params_diff(tags["graftline.params"], params))
+        )
+    rebuilt = tree / "models" / folder / "model.pt"
+    if report.environments:
+        report.equivalence = equivalence(registered_ckpt, rebuilt, tree / "data/processed/task")
+    else:
+        report.checks.append(Check("weights", _sha256(registered_ckpt), _sha256(rebuilt)))
+        if not report.checks[-1].ok:
+            report.notes.append(_weights_diff(registered_ckpt, rebuilt))
 
 
 def _environment(path: Path) -> dict[str, str]:
