@@ -597,6 +597,37 @@ class LoraConfig(_Strict):
     train_norms: bool = Field(default=False, description="also train the LayerNorms")
 
 
+class NbEmParams(_Strict):
+    """Naive Bayes + EM, the text teacher of ``distill.teacher: nb_em`` (see graftline.nb_em)."""
+
+    ngrams: int = Field(default=2, ge=1, le=3, description="word 1- to n-grams")
+    min_df: int = Field(default=2, ge=1, description="a word seen in fewer texts is dropped")
+    alpha: float = Field(default=0.1, gt=0, description="additive smoothing")
+    corpus_weight: float = Field(
+        default=0.3, gt=0, le=1, description="what a corpus text counts against a labelled one"
+    )
+    rounds: int = Field(default=5, ge=0, description="EM rounds over the corpus")
+    components: dict[str, Annotated[int, Field(ge=1)]] = Field(
+        default_factory=dict,
+        description="mixture components of a class, by class name (others: 1); a class made "
+        "of several kinds of text (other: one to four stars) fits better with several",
+    )
+    restarts: int = Field(
+        default=5, ge=1, description="EM from this many random splits of the components"
+    )
+
+
+class FinetuneNbEmParams(NbEmParams):
+    """Naive Bayes + EM over the task's labels and the corpus, fitted by ``finetune`` and
+    carried in the fine-tuned checkpoint: its word model multiplies the network's class
+    distribution wherever that model predicts (evaluate, serving, batch prediction, the
+    distillation teacher)."""
+
+    enabled: bool = Field(
+        default=False, description="text only: the fine-tuned model is network x naive Bayes"
+    )
+
+
 class FinetuneParams(_Strict):
     seed: int = 0
     strategy: Literal["full", "linear_probe", "gradual", "lora"] = Field(
@@ -622,6 +653,7 @@ class FinetuneParams(_Strict):
     scratch: TrainConfig | None = Field(
         default=None, description="training of the scratch baseline; defaults to `train`"
     )
+    nb_em: FinetuneNbEmParams = FinetuneNbEmParams()
 
     @model_validator(mode="after")
     def _decay(self) -> FinetuneParams:
@@ -713,26 +745,6 @@ class PropagateParams(_Strict):
     )
     augment: Augment | None = Field(
         default=None, description="the training augmentation; none: distill.train.augment"
-    )
-
-
-class NbEmParams(_Strict):
-    """Naive Bayes + EM, the text teacher of ``distill.teacher: nb_em`` (see graftline.nb_em)."""
-
-    ngrams: int = Field(default=2, ge=1, le=3, description="word 1- to n-grams")
-    min_df: int = Field(default=2, ge=1, description="a word seen in fewer texts is dropped")
-    alpha: float = Field(default=0.1, gt=0, description="additive smoothing")
-    corpus_weight: float = Field(
-        default=0.3, gt=0, le=1, description="what a corpus text counts against a labelled one"
-    )
-    rounds: int = Field(default=5, ge=0, description="EM rounds over the corpus")
-    components: dict[str, Annotated[int, Field(ge=1)]] = Field(
-        default_factory=dict,
-        description="mixture components of a class, by class name (others: 1); a class made "
-        "of several kinds of text (other: one to four stars) fits better with several",
-    )
-    restarts: int = Field(
-        default=5, ge=1, description="EM from this many random splits of the components"
     )
 
 
@@ -891,6 +903,20 @@ class Params(_Strict):
                 data = "texts" if text else "images"
                 want = "llama or bert" if text else "cnn or vit"
                 raise ValueError(f"{key}.arch {model.arch} cannot read {data}; use {want}")
+        if (
+            self.finetune.nb_em.enabled
+            and self.distill.enabled
+            and self.distill.teacher != "finetuned"
+        ):
+            raise ValueError(
+                f"distill.teacher: {self.distill.teacher} would count naive Bayes + EM twice: "
+                "the fine-tuned model carries it (finetune.nb_em.enabled); use teacher: finetuned"
+            )
+        if not text and self.finetune.nb_em.enabled:
+            raise ValueError(
+                "finetune.nb_em.enabled: naive Bayes + EM reads words, and the pipeline's "
+                "sources are images; set it false"
+            )
         if not text and self.distill.enabled and self.distill.teacher != "finetuned":
             raise ValueError(
                 f"distill.teacher: {self.distill.teacher}: naive Bayes + EM reads words, and "

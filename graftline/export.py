@@ -169,6 +169,9 @@ class OnnxClassifier:
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=_providers())
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.device = torch.device("cpu")  # inputs are handed over as host arrays
+        # The checkpoint's naive Bayes + EM, if it has one: the ONNX graph is the network's
+        # part, and the loader hands the word model over (graftline.serve.champion).
+        self.words: Any = None
 
     def eval(self) -> OnnxClassifier:
         return self

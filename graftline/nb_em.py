@@ -17,17 +17,16 @@ regression on the same labels (``benchmarks/bench_text_few_labels.py``).
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from graftline.data.text import load_tokenizer
-
 if TYPE_CHECKING:
     from graftline.config import NbEmParams
 
-# scikit-learn and SciPy are imported where they are used: the distill stage imports this
-# module on every run, and most runs never call it.
+# scikit-learn, SciPy and tokenizers are imported where they are used: every stage that
+# loads a checkpoint imports this module, and most never call it.
 
 
 def decode_texts(
@@ -36,28 +35,40 @@ def decode_texts(
     """The texts behind rows of token ids (all, or those at ``index``), decoded by the text
     transform's tokenizer (padding and ``<s>``/``</s>`` left out), a thousand rows at a time:
     a memory-mapped corpus is never read whole."""
-    tok = load_tokenizer(transform)
-    pad = transform["pad_id"]
     rows = np.arange(len(ids)) if index is None else np.asarray(index)
     out: list[str] = []
     for start in range(0, len(rows), 1000):
-        batch = np.asarray(ids[rows[start : start + 1000]])
-        out += tok.decode_batch([[int(i) for i in row if i != pad] for row in batch])
+        out += texts_of_ids(np.asarray(ids[rows[start : start + 1000]]), transform)
     return out
 
 
 class NaiveBayesEM:
     """A fitted naive Bayes + EM model: the word counts, and a multinomial naive Bayes whose
-    classes are mixture components, each owned by one of the task's classes."""
+    classes are mixture components, each owned by one of the task's classes.
 
-    def __init__(self, vectorizer: Any, nb: Any, owner: np.ndarray, num_classes: int) -> None:
-        self.vectorizer, self.nb, self.owner, self.num_classes = vectorizer, nb, owner, num_classes
+    Its state is arrays and a word list (:meth:`state`, :meth:`from_state`): it travels in a
+    checkpoint that loads with ``weights_only=True``, nothing pickled."""
+
+    def __init__(
+        self,
+        vectorizer: Any,
+        feature_log_prob: np.ndarray,
+        class_log_prior: np.ndarray,
+        owner: np.ndarray,
+        num_classes: int,
+    ) -> None:
+        self.vectorizer = vectorizer
+        self.feature_log_prob = np.asarray(feature_log_prob, np.float64)  # (components, words)
+        self.class_log_prior = np.asarray(class_log_prior, np.float64)  # (components,)
+        self.owner, self.num_classes = np.asarray(owner, np.int64), num_classes
 
     def predict_log_proba(self, texts: list[str]) -> np.ndarray:
         """Log-probabilities of the task's classes (its components' summed)."""
         from scipy.special import logsumexp
 
-        lp = self.nb.predict_log_proba(self.vectorizer.transform(texts))
+        x = self.vectorizer.transform(texts)
+        joint = np.asarray(x @ self.feature_log_prob.T) + self.class_log_prior
+        lp = joint - logsumexp(joint, axis=1, keepdims=True)
         return np.stack(
             [logsumexp(lp[:, self.owner == c], axis=1) for c in range(self.num_classes)], axis=1
         )
@@ -65,12 +76,90 @@ class NaiveBayesEM:
     def predict_proba(self, texts: list[str]) -> np.ndarray:
         return np.exp(self.predict_log_proba(texts))
 
+    @property
+    def ngrams(self) -> int:
+        """Words are read in 1- to ``ngrams``-grams."""
+        return int(self.vectorizer.ngram_range[1])
+
+    @property
+    def words(self) -> list[str]:
+        """The vocabulary, in column order (a fitted vectorizer's, or the one it was given)."""
+        vocabulary = getattr(self.vectorizer, "vocabulary_", None) or self.vectorizer.vocabulary
+        return sorted(vocabulary, key=vocabulary.__getitem__)
+
+    def state(self) -> dict[str, Any]:
+        """Tensors, numbers and the word list in column order: what a checkpoint can hold."""
+        import torch
+
+        return {
+            "format": STATE_FORMAT,
+            "words": self.words,
+            "ngrams": self.ngrams,
+            "feature_log_prob": torch.from_numpy(self.feature_log_prob.copy()),
+            "class_log_prior": torch.from_numpy(self.class_log_prior.copy()),
+            "owner": torch.from_numpy(self.owner.copy()),
+            "num_classes": int(self.num_classes),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> NaiveBayesEM:
+        """The model :meth:`state` describes; a state of another format is refused."""
+        from sklearn.feature_extraction.text import CountVectorizer
+
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a naive Bayes + EM state ({STATE_FORMAT} expected)")
+        words = list(state["words"])
+        flp = state["feature_log_prob"].numpy()
+        if flp.shape[1] != len(words):
+            raise ValueError(f"{flp.shape[1]} word weights for {len(words)} words")
+        vectorizer = CountVectorizer(
+            ngram_range=(1, int(state["ngrams"])),
+            binary=True,
+            vocabulary={w: i for i, w in enumerate(words)},
+        )
+        return cls(
+            vectorizer,
+            flp,
+            state["class_log_prior"].numpy(),
+            state["owner"].numpy(),
+            int(state["num_classes"]),
+        )
+
+
+STATE_FORMAT = "graftline.nb_em/1"
+
+
+def combine(
+    log_proba: np.ndarray, words: NaiveBayesEM, texts: list[str], temperature: float = 1.0
+) -> np.ndarray:
+    """The normalised product of a network's class distributions (``log_proba``, rows of
+    log-softmax) and naive Bayes + EM's for the same ``texts``, softened by ``temperature``
+    as a network's logits would be: what a checkpoint that carries the word model predicts."""
+    score = (log_proba + words.predict_log_proba(texts)) / temperature
+    score -= score.max(axis=1, keepdims=True)
+    p = np.exp(score)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def texts_of_ids(ids: np.ndarray, transform: dict[str, Any]) -> list[str]:
+    """The texts a batch of token ids stands for, as :func:`decode_texts` gives them."""
+    tok = _tokenizer(transform["tokenizer"])
+    pad = transform["pad_id"]
+    return tok.decode_batch([[int(i) for i in row if i != pad] for row in np.asarray(ids)])
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(blob: str) -> Any:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(blob)
+
 
 def settings(params: NbEmParams, classes: list[str], seed: int = 0) -> dict[str, Any]:
     """:func:`fit_nb_em`'s keywords from ``distill.nb_em`` (:class:`graftline.config.NbEmParams`)
     for a task with ``classes``: ``components`` named by class become counts in class order
     (1 for a class not named); a name that is no class is refused."""
-    kw = params.model_dump()
+    kw = params.model_dump(exclude={"enabled"})  # finetune.nb_em's switch is no setting
     named = kw.pop("components")
     unknown = sorted(set(named) - set(classes))
     if unknown:
@@ -142,7 +231,8 @@ def fit_nb_em(
         if best is None or fitted[0] > best[0]:
             best = fitted
     assert best is not None
-    return NaiveBayesEM(vectorizer, best[1], owner, num_classes)
+    nb = best[1]
+    return NaiveBayesEM(vectorizer, nb.feature_log_prob_, nb.class_log_prior_, owner, num_classes)
 
 
 def _split(class_share: np.ndarray, owner: np.ndarray, rng: np.random.Generator) -> np.ndarray:

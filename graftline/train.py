@@ -41,6 +41,7 @@ from graftline.data.dataset import Dataset
 from graftline.data.modules import DataModule, ImageData, data_module
 from graftline.errors import TrainingError
 from graftline.io import atomic_path
+from graftline.nb_em import combine, texts_of_ids
 from graftline.objectives import Objective, SelfSupervised, Supervised
 
 log = logging.getLogger(__name__)
@@ -686,10 +687,21 @@ def predict_proba(
     # probabilities once, not a list of batches and their concatenation as well.
     out: np.ndarray | None = None
     done = 0
+    words = getattr(model, "words", None)  # a text classifier's naive Bayes + EM
     for batch in module.sequential(batch_size):
-        proba = F.softmax(model(module.to_device(batch, dev).inputs) / temperature, dim=1)
+        logits = model(module.to_device(batch, dev).inputs)
+        if words is not None and isinstance(batch.inputs, dict):
+            ids = batch.inputs["input_ids"].cpu().numpy()
+            proba = combine(
+                F.log_softmax(logits.float(), dim=1).cpu().numpy(),
+                words,
+                texts_of_ids(ids, module.transform),
+                temperature,
+            )
+        else:
+            proba = F.softmax(logits / temperature, dim=1).float().cpu().numpy()
         if out is None:
             out = np.empty((len(module), proba.shape[1]), dtype=np.float32)
-        out[done : done + len(batch)] = proba.float().cpu().numpy()
+        out[done : done + len(batch)] = proba
         done += len(batch)
     return out if out is not None else np.zeros((0, 0), dtype=np.float32)

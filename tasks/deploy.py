@@ -371,6 +371,20 @@ def model_card(
             else ". "
         )
         + "Serving and batch prediction apply the same.",
+        *(
+            [
+                "",
+                "**Word model.** Its class distribution is the network's multiplied by a naive "
+                "Bayes over word 1- to "
+                f"{model.words.ngrams}-grams ({len(model.words.words):,} of them) trained "
+                "with EM over the "
+                "labels and the corpus (Nigam et al., 2000; `finetune.nb_em`), and normalised, "
+                "in evaluation, serving and batch prediction alike. The ONNX and Hugging Face "
+                "exports are the network's part alone.",
+            ]
+            if getattr(model, "words", None) is not None
+            else []
+        ),
         "",
         "**Data.**",
         "",

@@ -13,9 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from graftline import distributed
+from graftline import distributed, nb_em
 from graftline import layout as paths
 from graftline.config import FinetuneParams, Params
+from graftline.data.dataset import Dataset
+from graftline.data.modules import data_module
 from graftline.data.store import load_split, read_manifest
 from graftline.errors import ArtifactError
 from graftline.io import file_sha256, write_json
@@ -23,7 +25,7 @@ from graftline.models import Classifier, build_classifier, save_checkpoint
 from graftline.models.checkpoint import load_checkpoint
 from graftline.models.classifier import input_dims
 from graftline.models.lora import adapter_layers, add_adapters, merge_adapters
-from graftline.train import ParamGroup, fit
+from graftline.train import ParamGroup, fit, predict_proba
 from tasks._stage import stage_main
 from tasks._training import record_environment, run_identity, write_history
 
@@ -100,6 +102,23 @@ def trainable_share(model: nn.Module, groups: list[ParamGroup] | None) -> dict[s
     return {"trainable_params": trained, "trainable_fraction": trained / total}
 
 
+def word_model(p: FinetuneParams, train: Dataset, corpus: Path) -> nb_em.NaiveBayesEM:
+    """``finetune.nb_em``: naive Bayes + EM on the labelled texts and the corpus's (the token
+    ids decoded, so that it reads what serving's truncated texts give back)."""
+    if train.transform.get("kind") != "text":
+        raise ArtifactError("finetune.nb_em reads words, and the task's data are images")
+    try:
+        kw = nb_em.settings(p.nb_em, train.classes, p.seed)
+    except ValueError as exc:
+        raise ArtifactError(f"finetune.nb_em: {exc}") from None
+    pool = load_split(corpus, "train", mmap=True)
+    if pool.transform.get("tokenizer_sha256") != train.transform.get("tokenizer_sha256"):
+        raise ArtifactError(f"{corpus}: the corpus was tokenized otherwise than the task data")
+    texts = nb_em.decode_texts(train.images, train.transform)
+    corpus_texts = nb_em.decode_texts(pool.images, pool.transform)
+    return nb_em.fit_nb_em(texts, train.labels, corpus_texts, len(train.classes), **kw)
+
+
 def run(
     params: Params,
     data: Path = paths.TASK_DATA,
@@ -108,8 +127,10 @@ def run(
     scratch_out: Path = paths.SCRATCH,
     reports: Path = paths.FINETUNE_REPORT,
     checkpoints: Path = paths.CHECKPOINTS,
+    corpus: Path = paths.PRETRAIN_DATA,
 ) -> dict[str, Any]:
-    """Fine-tune the pretrained backbone with a new task head, and train the scratch baseline."""
+    """Fine-tune the pretrained backbone with a new task head, and train the scratch baseline;
+    with ``finetune.nb_em`` the fine-tuned model carries naive Bayes + EM over the corpus."""
     p = params.finetune
     manifest = read_manifest(data)
     train, val = load_split(data, "train"), load_split(data, "val")
@@ -167,6 +188,19 @@ def run(
             log.info("%s: adapters merged into the weights", name)
         if not distributed.is_main():  # under torchrun, rank 0 alone writes
             continue
+        if name == "finetuned" and p.nb_em.enabled:
+            model.words = word_model(p, train, corpus)
+            proba = predict_proba(model, data_module(val))
+            metrics["val_acc_network"] = metrics["val_acc"]
+            metrics["val_acc"] = float((proba.argmax(1) == val.labels).mean())
+            metrics["nb_em_words"] = len(model.words.words)
+            log.info(
+                "%s: x naive Bayes + EM (%d words): val_acc %.4f (the network alone %.4f)",
+                name,
+                metrics["nb_em_words"],
+                metrics["val_acc"],
+                metrics["val_acc_network"],
+            )
         record_environment(checkpoints, name, cfg.device)
         save_checkpoint(
             out / paths.MODEL_FILE,

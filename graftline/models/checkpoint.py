@@ -16,6 +16,7 @@ from graftline.data.transforms import legacy_geometry
 from graftline.errors import ArtifactError
 from graftline.io import atomic_path
 from graftline.models.classifier import Classifier, build_classifier, input_dims
+from graftline.nb_em import NaiveBayesEM
 
 FORMAT = "graftline.checkpoint/1"
 
@@ -32,7 +33,9 @@ def save_checkpoint(
 ) -> None:
     """Write ``model`` atomically with its architecture config, classes, input shape and the
     transform that brought its training items to that shape (``transforms.geometry``; for
-    text, the tokenizer: ``graftline.data.text``)."""
+    text, the tokenizer: ``graftline.data.text``), and its word model if it has one (its
+    arrays and word list: ``graftline.nb_em``)."""
+    words = getattr(model, "words", None)
     ckpt = {
         "format": FORMAT,
         "model_config": dict(model_config),
@@ -40,6 +43,7 @@ def save_checkpoint(
         "input_shape": list(input_shape),
         "transform": dict(transform or legacy_geometry(input_shape)),
         "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        **({"nb_em": words.state()} if words is not None else {}),
         **(extra or {}),
     }
     # Through a buffer: torch.save names the zip's root folder after the file, and the
@@ -75,6 +79,11 @@ def load_checkpoint(path: Path | str) -> tuple[Classifier, dict[str, Any]]:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:
         raise ArtifactError(f"{path}: weights do not match the stored architecture ({err})") from None
+    if "nb_em" in ckpt:
+        try:
+            model.words = NaiveBayesEM.from_state(ckpt["nb_em"])
+        except (ValueError, KeyError, AttributeError) as err:
+            raise ArtifactError(f"{path}: unusable naive Bayes + EM word model ({err})") from None
     model.eval()
     return model, ckpt
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -11,6 +11,9 @@ from torch import nn
 from graftline.models.cnn import CNNBackbone
 from graftline.models.text import build_text_backbone
 from graftline.models.vit import ViTBackbone
+
+if TYPE_CHECKING:
+    from graftline.nb_em import NaiveBayesEM
 
 # name -> factory(model_config, in_channels, image_size). Every stage, the checkpoint, the
 # MLflow model and serving build a backbone through here; nothing else names an architecture.
@@ -45,11 +48,17 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 
 class Classifier(nn.Module):
     """``head(backbone(x))``; fine-tuning swaps the head and keeps the backbone. With no
-    classes (a backbone pretrained on a corpus without labels) the head is the identity."""
+    classes (a backbone pretrained on a corpus without labels) the head is the identity.
+
+    A text classifier may carry a word model, ``words`` (naive Bayes + EM over the task's
+    labels and the corpus, ``finetune.nb_em``): its class distribution multiplies the
+    network's wherever the model predicts (``graftline.train.predict_proba``); the forward
+    pass, what trains and what exports to ONNX, stays the network's logits."""
 
     def __init__(self, backbone: nn.Module, num_classes: int) -> None:
         super().__init__()
         self.backbone = backbone
+        self.words: NaiveBayesEM | None = None
         bias = getattr(backbone, "head_bias", True)
         self.head: nn.Module = (
             nn.Linear(backbone.out_features, num_classes, bias=bias) if num_classes else nn.Identity()

@@ -20,6 +20,7 @@ import pandas as pd
 from torch import nn
 
 from graftline.models.checkpoint import input_transform, load_checkpoint
+from graftline.nb_em import combine, texts_of_ids
 from graftline.registry import CHAMPION
 from graftline.serve.predict import (
     encode_texts,
@@ -59,9 +60,15 @@ class LoadedModel:
 
     def predict_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities of ``texts`` and which were truncated at the model's ``max_len``."""
-        if hasattr(self.model, "proba_tokens"):
+        if hasattr(self.model, "proba_tokens"):  # ONNX Runtime: the network's part
             ids, cut = encode_texts(self.transform, texts)
-            return self.model.proba_tokens(ids, int(self.transform["pad_id"])), cut
+            proba = self.model.proba_tokens(ids, int(self.transform["pad_id"]))
+            words = getattr(self.model, "words", None)
+            if words is not None and len(ids):  # as graftline.train.predict_proba does
+                log_p = np.log(np.maximum(proba.astype(np.float64), 1e-30))
+                proba = combine(log_p, words, texts_of_ids(ids, self.transform))
+                proba = proba.astype(np.float32)
+            return proba, cut
         return text_proba(self.model, self.transform, texts)
 
 
@@ -95,7 +102,9 @@ def load_version(client: Any, name: str, version: str, runtime: str = "torch") -
             )
         import torch
 
+        words = model.words  # the checkpoint's word model multiplies the ONNX network's
         model = OnnxClassifier(exported[0], threads=torch.get_num_threads())
+        model.words = words
     checkpoint_file = (found[0].relative_to(root).as_posix(), found[0].stat().st_size)
     metrics: dict[str, float] = {}
     if mv.run_id:

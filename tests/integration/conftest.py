@@ -115,10 +115,11 @@ def word_texts(n: int, seed: int) -> tuple[list[str], np.ndarray]:
 
 
 @pytest.fixture
-def text_root(sqlite_root: Path) -> Path:
+def text_root(sqlite_root: Path, request: pytest.FixtureRequest) -> Path:
     """``sqlite_root`` with a small trained text classifier (a Llama-style decoder over a
     tokenizer trained on its texts) registered as the champion of ``blob-texts``, and a
-    tokenized test split that keeps its texts."""
+    tokenized test split that keeps its texts. Parametrized indirectly with ``True``, the
+    classifier carries naive Bayes + EM over its training texts (``finetune.nb_em``)."""
     from graftline.config import TokenizerParams
     from graftline.data.text import encode, token_spec, tokenize_dataset, train_tokenizer
     from graftline.models.text import text_model_config
@@ -139,6 +140,10 @@ def text_root(sqlite_root: Path) -> Path:
     model = build_classifier(cfg, 1, 16, 3)
     train = ds.subset(np.arange(60))
     fit(model, train, train, TrainConfig(epochs=3, batch_size=16, lr=3e-3), seed=0)
+    if getattr(request, "param", False):
+        from graftline.nb_em import fit_nb_em
+
+        model.words = fit_nb_em(texts[:60], y[:60], texts[:60], 3, min_df=1)
     save_checkpoint(
         sqlite_root / paths.FINETUNED / paths.MODEL_FILE,
         model,

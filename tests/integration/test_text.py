@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
@@ -149,11 +150,9 @@ def test_text_trains_through_the_flow_and_serves_as_evaluated(
     assert "texts: field required (this model reads texts" in refused["pixels"].json()["detail"]
 
 
-def assert_hugging_face_answers_as(
-    name: str, version: str, texts: list[str], expected: list[str]
-) -> None:
-    """The version's Hugging Face folder, loaded by ``transformers`` alone (offline, no
-    graftline code), classifies ``texts`` as ``expected``."""
+def hugging_face_proba(name: str, version: str, texts: list[str]) -> np.ndarray:
+    """Class probabilities of ``texts`` from the version's Hugging Face folder, loaded by
+    ``transformers`` alone (offline, no graftline code), columns in ``id2label`` order."""
     import mlflow
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -164,12 +163,29 @@ def assert_hugging_face_answers_as(
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     with torch.no_grad():
         logits = model.eval()(**tok(texts, padding=True, truncation=True, return_tensors="pt"))
-    assert [model.config.id2label[i] for i in logits.logits.argmax(1).tolist()] == expected
+    return torch.softmax(logits.logits, dim=1).numpy()
 
 
+def assert_hugging_face_answers_as(
+    name: str, version: str, texts: list[str], expected: list[str]
+) -> None:
+    """The version's Hugging Face folder classifies ``texts`` as ``expected``."""
+    import mlflow
+    from transformers import AutoConfig
+
+    root = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}"))
+    (folder,) = [p.parent for p in root.rglob("config.json") if p.parent.name == "huggingface"]
+    labels = AutoConfig.from_pretrained(folder, local_files_only=True).id2label
+    top = hugging_face_proba(name, version, texts).argmax(1).tolist()
+    assert [labels[i] for i in top] == expected
+
+
+@pytest.mark.parametrize("text_root", [False, True], ids=["network", "with-nb-em"], indirect=True)
 def test_a_text_model_answers_alike_on_onnx_runtime(text_root: Path) -> None:
     """The registered text model's model.onnx (dynamic batch and sequence), tokenized by
-    the same tokenizer: the service and batch prediction answer as on PyTorch."""
+    the same tokenizer: the service and batch prediction answer as on PyTorch. A model
+    carrying naive Bayes + EM (``finetune.nb_em``) answers the network's distribution times
+    the word model's, normalised, on either runtime; its exports are the network alone."""
     texts = ["great great lovely coffee", "awful stale bad", "ok " * 40, "好 😀", "fine average"]
     answers = {}
     for runtime in ("torch", "onnx"):
@@ -188,4 +204,25 @@ def test_a_text_model_answers_alike_on_onnx_runtime(text_root: Path) -> None:
     assert pd.read_csv(text_root / "o.csv")["class"].astype(str).tolist() == [
         a["class"] for a in answers["torch"]
     ]
-    assert_hugging_face_answers_as("blob-texts", "1", texts, [a["class"] for a in answers["torch"]])
+    version = MlflowClient().get_model_version("blob-texts", "1")
+    from graftline.models.checkpoint import load_checkpoint
+    from graftline.nb_em import texts_of_ids
+    from graftline.serve.predict import encode_texts
+
+    model, ckpt = load_checkpoint(text_root / "models/finetuned/model.pt")
+    if model.words is None:
+        assert "**Word model.**" not in version.description
+        served = [a["class"] for a in answers["torch"]]
+        assert_hugging_face_answers_as("blob-texts", "1", texts, served)
+        return
+    assert "**Word model.** Its class distribution is the network's multiplied" in (
+        version.description
+    )
+    network = hugging_face_proba("blob-texts", "1", texts)  # the network's part, exported
+    ids, _ = encode_texts(ckpt["transform"], texts)
+    product = network * model.words.predict_proba(texts_of_ids(ids, ckpt["transform"]))
+    product /= product.sum(1, keepdims=True)
+    assert not np.allclose(product.max(1), network.max(1), atol=1e-2)  # the words count
+    for runtime in ("torch", "onnx"):
+        got = np.array([a["top"][0]["probability"] for a in answers[runtime]])
+        assert np.allclose(got, product.max(1), atol=1e-4), runtime

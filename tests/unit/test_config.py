@@ -23,6 +23,14 @@ def test_repo_params_are_valid() -> None:
         ({"preprocess": {"task": {"labels_per_class": 0}}}, "labels_per_class"),
         ({"distill": {"enabled": True, "teacher": "nb_em"}}, "naive Bayes + EM reads words"),
         ({"distill": {"nb_em": {"ngrams": 4}}}, "distill.nb_em.ngrams"),
+        ({"finetune": {"nb_em": {"enabled": True}}}, "finetune.nb_em.enabled: naive Bayes"),
+        (
+            {
+                "finetune": {"nb_em": {"enabled": True}},
+                "distill": {"enabled": True, "teacher": "both"},
+            },
+            "would count naive Bayes + EM twice",
+        ),
         ({"distill": {"nb_em": {"components": {"other": 0}}}}, "distill.nb_em.components.other"),
     ],
 )

@@ -5,8 +5,11 @@ labels and settings it cannot use."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
 from graftline.config import FineFoodSource, NbEmParams, TokenizerParams
 from graftline.data.text import encode, load_fine_food, token_spec, train_tokenizer
@@ -126,3 +129,68 @@ def test_token_ids_decode_back_to_their_texts() -> None:
 def test_labels_it_cannot_use_are_refused(texts: list, labels: list, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         fit_nb_em(texts, np.array(labels, dtype=np.int64), ["a b"], 2)
+
+
+def test_the_word_model_travels_in_a_safe_checkpoint_and_multiplies_the_network(
+    tmp_path: Path,
+) -> None:
+    """``finetune.nb_em``: a classifier carrying naive Bayes + EM saves it as arrays and words
+    (``weights_only`` loads it back), predicts the same after the round trip, and its
+    probabilities are the normalised product of the network's and the word model's on the
+    decoded token ids; the forward pass stays the network's."""
+    from graftline.data.modules import Part, TokenData
+    from graftline.models import build_classifier, save_checkpoint
+    from graftline.models.checkpoint import load_checkpoint
+    from graftline.train import predict_proba
+
+    texts = ["a fine tea, not bitter", "stale crackers 😞", "great coffee", "bad stale tea"] * 3
+    labels = np.array([0, 1, 0, 1] * 3)
+    p = TokenizerParams(vocab_size=300, min_frequency=1, max_len=32)
+    tok = train_tokenizer(texts, p)
+    spec = token_spec(tok, p, 0)
+    ids, _ = encode(tok, texts, p.max_len, spec["pad_id"])
+    words = fit_nb_em(texts, labels, texts, 2, min_df=1, components=[1, 2])
+    cfg = {
+        "arch": "llama",
+        "dim": 16,
+        "depth": 1,
+        "heads": 2,
+        "mlp_ratio": 2.0,
+        "dropout": 0.0,
+        "pool": "last",
+        **{k: spec[k] for k in ("vocab_size", "max_len", "pad_id", "bos_id", "eos_id")},
+    }
+    torch.manual_seed(0)
+    model = build_classifier(cfg, 1, p.max_len, 2).eval()
+    data = TokenData([Part(ids, labels)], ["great", "other"], spec, spec["pad_id"])
+    network = predict_proba(model, data)
+    model.words = words
+    both = predict_proba(model, data)
+    expected = network * words.predict_proba(texts)
+    assert np.allclose(both, expected / expected.sum(1, keepdims=True), atol=1e-5)
+    assert not np.allclose(both, network, atol=1e-3)
+
+    save_checkpoint(
+        tmp_path / "model.pt",
+        model,
+        model_config=cfg,
+        classes=["great", "other"],
+        input_shape=(p.max_len,),
+        transform=spec,
+    )
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["nb_em"]["words"] == words.words
+    loaded, _ = load_checkpoint(tmp_path / "model.pt")
+    assert loaded.words is not None and loaded.words.words == words.words
+    assert np.allclose(loaded.words.predict_proba(texts), words.predict_proba(texts))
+    assert np.allclose(predict_proba(loaded, data), both, atol=1e-6)
+    soft = predict_proba(loaded, data, temperature=4.0)
+    assert np.allclose(soft.sum(1), 1) and (soft.max(1) <= both.max(1) + 1e-6).all()
+
+
+def test_a_word_model_state_of_another_kind_is_refused() -> None:
+    words = fit_nb_em(["good tea", "bad tea"], np.array([0, 1]), [], 2, min_df=1)
+    state = words.state()
+    with pytest.raises(ValueError, match="not a naive Bayes"):
+        NaiveBayesEM.from_state({**state, "format": "other"})
+    with pytest.raises(ValueError, match="word weights for"):
+        NaiveBayesEM.from_state({**state, "words": state["words"][:-1]})
