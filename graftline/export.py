@@ -200,14 +200,23 @@ class OnnxClassifier:
         ]
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
-    def proba_tokens(self, ids: np.ndarray, pad_id: int, batch_size: int = 256) -> np.ndarray:
-        """Class probabilities of right-padded token rows ``(N, max_len)``, each batch cut
-        to its longest row as the data module cuts it."""
+    def log_proba_tokens(self, ids: np.ndarray, pad_id: int, batch_size: int = 256) -> np.ndarray:
+        """Log class probabilities (log-softmax of the logits, float64) of right-padded token
+        rows ``(N, max_len)``, each batch cut to its longest row as the data module cuts it:
+        what a word model's log-probabilities are added to."""
         out = []
         for i in range(0, len(ids), batch_size):
             rows = cut_to_longest(np.asarray(ids[i : i + batch_size]), pad_id)
-            out.append(self._proba({"input_ids": rows, "attention_mask": rows != pad_id}))
-        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+            feed = {"input_ids": rows, "attention_mask": rows != pad_id}
+            (logits,) = self.session.run(["logits"], feed)
+            z = logits.astype(np.float64)
+            z -= z.max(axis=1, keepdims=True)
+            out.append(z - np.log(np.exp(z).sum(axis=1, keepdims=True)))
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float64)
+
+    def proba_tokens(self, ids: np.ndarray, pad_id: int, batch_size: int = 256) -> np.ndarray:
+        """Class probabilities of right-padded token rows (see :meth:`log_proba_tokens`)."""
+        return np.exp(self.log_proba_tokens(ids, pad_id, batch_size)).astype(np.float32)
 
 
 def logits_difference(model: nn.Module, onnx_model: OnnxClassifier, module: DataModule) -> float:

@@ -17,7 +17,6 @@ regression on the same labels (``benchmarks/bench_text_few_labels.py``).
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -82,6 +81,11 @@ class NaiveBayesEM:
         return int(self.vectorizer.ngram_range[1])
 
     @property
+    def size(self) -> int:
+        """How many words (1- to ``ngrams``-grams) it weighs."""
+        return int(self.feature_log_prob.shape[1])
+
+    @property
     def words(self) -> list[str]:
         """The vocabulary, in column order (a fitted vectorizer's, or the one it was given)."""
         vocabulary = getattr(self.vectorizer, "vocabulary_", None) or self.vectorizer.vocabulary
@@ -143,16 +147,11 @@ def combine(
 
 def texts_of_ids(ids: np.ndarray, transform: dict[str, Any]) -> list[str]:
     """The texts a batch of token ids stands for, as :func:`decode_texts` gives them."""
-    tok = _tokenizer(transform["tokenizer"])
+    from graftline.data.text import cached_tokenizer
+
+    tok = cached_tokenizer(transform["tokenizer"])
     pad = transform["pad_id"]
     return tok.decode_batch([[int(i) for i in row if i != pad] for row in np.asarray(ids)])
-
-
-@functools.lru_cache(maxsize=8)
-def _tokenizer(blob: str) -> Any:
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_str(blob)
 
 
 def settings(params: NbEmParams, classes: list[str], seed: int = 0) -> dict[str, Any]:

@@ -376,7 +376,7 @@ def model_card(
                 "",
                 "**Word model.** Its class distribution is the network's multiplied by a naive "
                 "Bayes over word 1- to "
-                f"{model.words.ngrams}-grams ({len(model.words.words):,} of them) trained "
+                f"{model.words.ngrams}-grams ({model.words.size:,} of them) trained "
                 "with EM over the "
                 "labels and the corpus (Nigam et al., 2000; `finetune.nb_em`), and normalised, "
                 "in evaluation, serving and batch prediction alike. The ONNX and Hugging Face "

@@ -193,7 +193,7 @@ def run(
             proba = predict_proba(model, data_module(val))
             metrics["val_acc_network"] = metrics["val_acc"]
             metrics["val_acc"] = float((proba.argmax(1) == val.labels).mean())
-            metrics["nb_em_words"] = len(model.words.words)
+            metrics["nb_em_words"] = model.words.size
             log.info(
                 "%s: x naive Bayes + EM (%d words): val_acc %.4f (the network alone %.4f)",
                 name,

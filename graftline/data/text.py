@@ -13,6 +13,7 @@ serving tokenizes with exactly it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -310,6 +311,16 @@ def load_tokenizer(spec: dict[str, Any]) -> Any:
         return Tokenizer.from_str(spec["tokenizer"])
     except (KeyError, Exception) as err:
         raise DataError(f"the text transform carries no usable tokenizer ({err})") from None
+
+
+@functools.lru_cache(maxsize=8)
+def cached_tokenizer(blob: str) -> Any:
+    """The tokenizer of a transform's JSON (``transform["tokenizer"]``), parsed once per
+    process: serving and the word model read it batch after batch. Shared, so callers must
+    not reconfigure it (truncation, padding)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(blob)
 
 
 def token_spec(tok: Any, p: TokenizerParams, corpus_tokens: int) -> dict[str, Any]:

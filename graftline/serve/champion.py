@@ -62,13 +62,14 @@ class LoadedModel:
         """Probabilities of ``texts`` and which were truncated at the model's ``max_len``."""
         if hasattr(self.model, "proba_tokens"):  # ONNX Runtime: the network's part
             ids, cut = encode_texts(self.transform, texts)
-            proba = self.model.proba_tokens(ids, int(self.transform["pad_id"]))
+            pad_id = int(self.transform["pad_id"])
             words = getattr(self.model, "words", None)
-            if words is not None and len(ids):  # as graftline.train.predict_proba does
-                log_p = np.log(np.maximum(proba.astype(np.float64), 1e-30))
-                proba = combine(log_p, words, texts_of_ids(ids, self.transform))
-                proba = proba.astype(np.float32)
-            return proba, cut
+            if words is None or not len(ids):
+                return self.model.proba_tokens(ids, pad_id), cut
+            # as graftline.train.predict_proba does: log-softmax + the word model, normalised
+            log_p = self.model.log_proba_tokens(ids, pad_id)
+            proba = combine(log_p, words, texts_of_ids(ids, self.transform))
+            return proba.astype(np.float32), cut
         return text_proba(self.model, self.transform, texts)
 
 

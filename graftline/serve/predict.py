@@ -7,7 +7,6 @@ tokenized here with the tokenizer its checkpoint carries (its transform), trunca
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import numpy as np
@@ -22,19 +21,12 @@ def is_text_model(transform: dict[str, Any]) -> bool:
     return transform.get("kind") == "text"
 
 
-@functools.lru_cache(maxsize=8)
-def _tokenizer(blob: str) -> Any:
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_str(blob)
-
-
 def encode_texts(transform: dict[str, Any], texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Token ids ``(N, max_len)`` of ``texts`` under a text model's transform, and which of
     them were truncated."""
-    from graftline.data.text import encode
+    from graftline.data.text import cached_tokenizer, encode
 
-    tok = _tokenizer(transform["tokenizer"])
+    tok = cached_tokenizer(transform["tokenizer"])
     return encode(tok, texts, int(transform["max_len"]), int(transform["pad_id"]))
 
 

@@ -96,6 +96,10 @@ def test_text_models_export_with_dynamic_batch_and_sequence(
         predict_proba(model, rows),
         atol=1e-5,
     )
+    # the log-probabilities a word model is added to: exact log-softmax, no rounding to 0
+    log_p = runtime.log_proba_tokens(rows.parts[0].items, 0, batch_size=8)
+    assert log_p.dtype == np.float64
+    np.testing.assert_allclose(log_p, np.log(predict_proba(model, rows)), atol=1e-4)
 
 
 def test_texts_answer_alike_on_both_runtimes(tmp_path: Path) -> None:

@@ -181,6 +181,7 @@ def test_the_word_model_travels_in_a_safe_checkpoint_and_multiplies_the_network(
     assert torch.load(tmp_path / "model.pt", weights_only=True)["nb_em"]["words"] == words.words
     loaded, _ = load_checkpoint(tmp_path / "model.pt")
     assert loaded.words is not None and loaded.words.words == words.words
+    assert loaded.words.size == len(words.words)
     assert np.allclose(loaded.words.predict_proba(texts), words.predict_proba(texts))
     assert np.allclose(predict_proba(loaded, data), both, atol=1e-6)
     soft = predict_proba(loaded, data, temperature=4.0)
