@@ -179,8 +179,9 @@ def wait_for(url: str, proc: subprocess.Popen, log: Path, seconds: float = 120) 
 
 
 @contextlib.contextmanager
-def prefect_server(home: Path) -> Iterator[str]:
-    """A real ``prefect server start`` on loopback with its own home; yields its API URL."""
+def prefect_server(home: Path, **settings: str) -> Iterator[str]:
+    """A real ``prefect server start`` on loopback with its own home (and other Prefect
+    ``settings``, as environment variables); yields its API URL."""
     port = free_port()
     log = home / "server.log"
     env = {
@@ -188,6 +189,7 @@ def prefect_server(home: Path) -> Iterator[str]:
         "PREFECT_HOME": str(home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_UI_ENABLED": "false",
+        **settings,
     }
     env.pop("PREFECT_API_URL", None)
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]

@@ -54,7 +54,7 @@ def test_s3_dvc_remote_push_and_pull_round_trip(tmp_path: Path, s3: S3) -> None:
 
 
 def test_postgres_s3_mlflow_runs_the_flow_registry_and_serving(
-    tmp_path: Path, s3: S3, postgres: str
+    tmp_path: Path, s3: S3, postgres: str, prefect_api_url: str
 ) -> None:
     """An MLflow server on PostgreSQL with artifacts in S3: `graftline run` records its runs
     there, registers and promotes the model (its files land in the bucket), and
@@ -69,9 +69,14 @@ def test_postgres_s3_mlflow_runs_the_flow_registry_and_serving(
             "deploy": {"model_name": "tiny-digits", "gate": {"min_accuracy": 0}},
         }
         repo = make_repo(tmp_path / "repo", params)
-        env = tool_env(repo, MLFLOW_TRACKING_URI=url, PREFECT_HOME=str(tmp_path / "ph"))
+        # The session's Prefect server (tests/integration/test_flow.py covers a run's own).
+        env = tool_env(
+            repo,
+            MLFLOW_TRACKING_URI=url,
+            PREFECT_HOME=str(tmp_path / "ph"),
+            PREFECT_API_URL=prefect_api_url,
+        )
         env.update(s3.env())  # for DVC's S3 remote; MLflow's clients go through the server
-        env.pop("PREFECT_API_URL", None)
         dvc_bucket = s3.bucket("graftline-dvc-stack")
         for args in (
             ("remote", "add", "-f", "-d", "s3", f"s3://{dvc_bucket}/store"),

@@ -36,11 +36,16 @@ def test_worker_runs_api_triggered_runs_of_the_deployment_one_at_a_time(tmp_path
 
     params = {**TINY_PARAMS, "deploy": {"model_name": "tiny-digits", "gate": {"min_accuracy": 0}}}
     repo = make_repo(tmp_path / "repo", params, tmp_path / "remote")
-    with prefect_server(tmp_path) as url:
+    # The enqueued run asks for the slot again every 3 s, not 30, and the worker looks for
+    # work every 2 s, not 10: the same hand-over, less waiting.
+    waits = {"PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "3"}
+    with prefect_server(tmp_path, **waits) as url:
         env = tool_env(
             repo,
             PREFECT_API_URL=url,
             PREFECT_HOME=str(tmp_path / "client-home"),
+            PREFECT_WORKER_QUERY_SECONDS="2",
+            PREFECT_WORKER_PREFETCH_SECONDS="2",
             GRAFTLINE_REPO=str(repo),  # prefect.yaml's pull step: where the worker runs it
         )
         for key in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"):
