@@ -37,8 +37,9 @@ mlflow-ui: $(STAMP)  ## the MLflow UI on http://127.0.0.1:5000 (runs, registry, 
 test: $(STAMP)  ## lint, format check and the test suite
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	# Two workers, a test file each: most of the suite waits on servers and subprocesses.
-	$(BIN)/pytest -n 2 --dist loadfile --durations=10
+	# Three workers on two cores, a test file each: a quarter of the suite waits on servers,
+	# subprocesses and schedules (measured: 22.7 min against 27.4 with two workers).
+	$(BIN)/pytest -n 3 --dist loadfile --durations=10
 
 lint: $(STAMP)  ## ruff lint
 	$(BIN)/ruff check .
