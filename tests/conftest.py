@@ -51,42 +51,18 @@ TINY_PARAMS: dict[str, Any] = {
 }
 
 
-# The longest files first, then the rest folder by folder, slow folders first: `make test`
-# hands whole files to three xdist workers in this order, so that the small unit files fill
-# the end rather than one long file running alone. The list is the files that took over
-# 100 s on 2 cores (`pytest --durations`, 2026-12-03), longest first; a file missing from it
-# only starts later.
-_LONGEST_FILES = (
-    "faults/test_faults.py",
-    "integration/test_flow.py",
-    "faults/test_interrupts.py",
-    "integration/test_reproduce.py",
-    "integration/test_registry.py",
-    "production/test_ddp.py",
-    "integration/test_text.py",
-    "production/test_stack.py",
-    "integration/test_schedule.py",
-    "e2e/test_dvc_pipeline.py",
-    "integration/test_hub_checkpoints.py",
-    "production/test_worker.py",
-    "e2e/test_kernels.py",
-    "faults/test_stale_resume.py",
-    "integration/test_serve.py",
-    "e2e/test_registry_page.py",
-)
+# The slow folders first: `make test` hands whole files to three xdist workers in this order,
+# so that the small unit files fill the end rather than one long file running alone.
 _FOLDER_ORDER = ("faults", "production", "integration", "e2e", "unit")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> tuple[int, int]:
+    def rank(item: pytest.Item) -> int:
         parts = Path(str(item.path)).relative_to(ROOT).parts
-        inside = "/".join(parts[1:]) if parts[0] == "tests" else ""
-        if inside in _LONGEST_FILES:
-            return 0, _LONGEST_FILES.index(inside)
         folder = parts[1] if len(parts) > 2 and parts[0] == "tests" else ""
-        return 1, _FOLDER_ORDER.index(folder) if folder in _FOLDER_ORDER else len(_FOLDER_ORDER)
+        return _FOLDER_ORDER.index(folder) if folder in _FOLDER_ORDER else len(_FOLDER_ORDER)
 
-    items.sort(key=rank)  # stable: the order within a file stays
+    items.sort(key=rank)  # stable: the order within a folder stays
 
 
 def tool_env(cwd: Path, **extra: str) -> dict[str, str]:

@@ -146,7 +146,10 @@ def test_a_burst_of_signals_cannot_leave_the_stage_run_open(tmp_path: Path) -> N
     assert stage.returncode == 130, output[-3000:]
     assert signals > 1, "it ended before a second signal"
     assert "Traceback" not in output, output[-3000:]
-    assert "graftline pretrain: stopped by SIGTERM" in output
+    # The first handled: SIGTERM, or SIGINT where both were pending at once (CPython runs
+    # pending handlers in signal-number order, and SIGINT is 2).
+    assert re.search(r"graftline pretrain: stopped by SIG(TERM|INT)\n", output), output[-3000:]
+    assert len(re.findall(r"stopped by SIG", output)) == 1, output[-3000:]
     assert [s for s in mlflow_statuses(repo) if s[0] == "pretrain"] == [("pretrain", "KILLED")]
     assert not (repo / "models/pretrained/model.pt").exists()
 
