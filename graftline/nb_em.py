@@ -60,6 +60,9 @@ class NaiveBayesEM:
         self.feature_log_prob = np.asarray(feature_log_prob, np.float64)  # (components, words)
         self.class_log_prior = np.asarray(class_log_prior, np.float64)  # (components,)
         self.owner, self.num_classes = np.asarray(owner, np.int64), num_classes
+        # Beside a network (:func:`combine`): the temperature that calibrates the product,
+        # fitted on the validation split by the finetune stage (1: not calibrated).
+        self.temperature = 1.0
 
     def predict_log_proba(self, texts: list[str]) -> np.ndarray:
         """Log-probabilities of the task's classes (its components' summed)."""
@@ -103,6 +106,7 @@ class NaiveBayesEM:
             "class_log_prior": torch.from_numpy(self.class_log_prior.copy()),
             "owner": torch.from_numpy(self.owner.copy()),
             "num_classes": int(self.num_classes),
+            "temperature": float(self.temperature),
         }
 
     @classmethod
@@ -121,13 +125,17 @@ class NaiveBayesEM:
             binary=True,
             vocabulary={w: i for i, w in enumerate(words)},
         )
-        return cls(
+        model = cls(
             vectorizer,
             flp,
             state["class_log_prior"].numpy(),
             state["owner"].numpy(),
             int(state["num_classes"]),
         )
+        model.temperature = float(state.get("temperature", 1.0))  # older states: none
+        if not model.temperature > 0:
+            raise ValueError(f"temperature {model.temperature} is not positive")
+        return model
 
 
 STATE_FORMAT = "graftline.nb_em/1"
@@ -137,12 +145,33 @@ def combine(
     log_proba: np.ndarray, words: NaiveBayesEM, texts: list[str], temperature: float = 1.0
 ) -> np.ndarray:
     """The normalised product of a network's class distributions (``log_proba``, rows of
-    log-softmax) and naive Bayes + EM's for the same ``texts``, softened by ``temperature``
-    as a network's logits would be: what a checkpoint that carries the word model predicts."""
-    score = (log_proba + words.predict_log_proba(texts)) / temperature
+    log-softmax) and naive Bayes + EM's for the same ``texts``, calibrated by the word
+    model's fitted temperature and softened by ``temperature`` as a network's logits would
+    be: what a checkpoint that carries the word model predicts."""
+    score = (log_proba + words.predict_log_proba(texts)) / (words.temperature * temperature)
     score -= score.max(axis=1, keepdims=True)
     p = np.exp(score)
     return p / p.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(score: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature ``T`` whose ``softmax(score / T)`` gives labelled rows the least
+    negative log-likelihood (temperature scaling: Guo et al., "On Calibration of Modern
+    Neural Networks", 2017); it keeps every row's top class. ``T`` is searched in
+    [0.05, 100]; no rows give 1."""
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax
+
+    score, labels = np.asarray(score, np.float64), np.asarray(labels)
+    if not len(labels):
+        return 1.0
+    rows = np.arange(len(labels))
+
+    def nll(log_t: float) -> float:
+        return float(-log_softmax(score / np.exp(log_t), axis=1)[rows, labels].mean())
+
+    found = minimize_scalar(nll, bounds=(np.log(0.05), np.log(100.0)), method="bounded")
+    return float(np.exp(found.x))
 
 
 def texts_of_ids(ids: np.ndarray, transform: dict[str, Any]) -> list[str]:

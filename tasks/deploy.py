@@ -378,7 +378,9 @@ def model_card(
                 "Bayes over word 1- to "
                 f"{model.words.ngrams}-grams ({model.words.size:,} of them) trained "
                 "with EM over the "
-                "labels and the corpus (Nigam et al., 2000; `finetune.nb_em`), and normalised, "
+                "labels and the corpus (Nigam et al., 2000; `finetune.nb_em`), and normalised "
+                f"at temperature {model.words.temperature:.2f} (fitted on the validation "
+                "split: it calibrates the product), "
                 "in evaluation, serving and batch prediction alike. The ONNX and Hugging Face "
                 "exports are the network's part alone.",
             ]

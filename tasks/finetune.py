@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -119,6 +120,19 @@ def word_model(p: FinetuneParams, train: Dataset, corpus: Path) -> nb_em.NaiveBa
     return nb_em.fit_nb_em(texts, train.labels, corpus_texts, len(train.classes), **kw)
 
 
+def calibrated_word_model(
+    p: FinetuneParams, train: Dataset, val: Dataset, network: np.ndarray, corpus: Path
+) -> nb_em.NaiveBayesEM:
+    """:func:`word_model`, with the temperature that calibrates its product with the
+    network's ``network`` probabilities of ``val`` (fitted on ``val``'s labels: the product
+    of two models that each count the same evidence is overconfident)."""
+    words = word_model(p, train, corpus)
+    score = np.log(np.maximum(network.astype(np.float64), 1e-30))
+    score = score + words.predict_log_proba(nb_em.decode_texts(val.images, val.transform))
+    words.temperature = nb_em.fit_temperature(score, val.labels)
+    return words
+
+
 def run(
     params: Params,
     data: Path = paths.TASK_DATA,
@@ -189,15 +203,19 @@ def run(
         if not distributed.is_main():  # under torchrun, rank 0 alone writes
             continue
         if name == "finetuned" and p.nb_em.enabled:
-            model.words = word_model(p, train, corpus)
+            network = predict_proba(model, data_module(val))
+            model.words = calibrated_word_model(p, train, val, network, corpus)
             proba = predict_proba(model, data_module(val))
             metrics["val_acc_network"] = metrics["val_acc"]
             metrics["val_acc"] = float((proba.argmax(1) == val.labels).mean())
             metrics["nb_em_words"] = model.words.size
+            metrics["nb_em_temperature"] = model.words.temperature
             log.info(
-                "%s: x naive Bayes + EM (%d words): val_acc %.4f (the network alone %.4f)",
+                "%s: x naive Bayes + EM (%d words, calibrated at temperature %.2f): "
+                "val_acc %.4f (the network alone %.4f)",
                 name,
                 metrics["nb_em_words"],
+                model.words.temperature,
                 metrics["val_acc"],
                 metrics["val_acc_network"],
             )

@@ -13,7 +13,14 @@ import torch
 
 from graftline.config import FineFoodSource, NbEmParams, TokenizerParams
 from graftline.data.text import encode, load_fine_food, token_spec, train_tokenizer
-from graftline.nb_em import NaiveBayesEM, decode_texts, fit_nb_em, nb_em_proba, settings
+from graftline.nb_em import (
+    NaiveBayesEM,
+    decode_texts,
+    fit_nb_em,
+    fit_temperature,
+    nb_em_proba,
+    settings,
+)
 
 
 def _reviews(rng: np.random.Generator, cls: int, words: range, n: int) -> list[str]:
@@ -187,6 +194,22 @@ def test_the_word_model_travels_in_a_safe_checkpoint_and_multiplies_the_network(
     soft = predict_proba(loaded, data, temperature=4.0)
     assert np.allclose(soft.sum(1), 1) and (soft.max(1) <= both.max(1) + 1e-6).all()
 
+    # A calibrated word model: its temperature travels in the checkpoint and softens the
+    # product as a distillation temperature would, keeping every top class.
+    words.temperature = 4.0
+    save_checkpoint(
+        tmp_path / "calibrated.pt",
+        model,
+        model_config=cfg,
+        classes=["great", "other"],
+        input_shape=(p.max_len,),
+        transform=spec,
+    )
+    calibrated, _ = load_checkpoint(tmp_path / "calibrated.pt")
+    assert calibrated.words.temperature == 4.0
+    assert np.allclose(predict_proba(calibrated, data), soft, atol=1e-6)
+    assert (predict_proba(calibrated, data).argmax(1) == both.argmax(1)).all()
+
 
 def test_a_word_model_state_of_another_kind_is_refused() -> None:
     words = fit_nb_em(["good tea", "bad tea"], np.array([0, 1]), [], 2, min_df=1)
@@ -195,3 +218,82 @@ def test_a_word_model_state_of_another_kind_is_refused() -> None:
         NaiveBayesEM.from_state({**state, "format": "other"})
     with pytest.raises(ValueError, match="word weights for"):
         NaiveBayesEM.from_state({**state, "words": state["words"][:-1]})
+    with pytest.raises(ValueError, match="temperature 0.0 is not positive"):
+        NaiveBayesEM.from_state({**state, "temperature": 0.0})
+    older = {k: v for k, v in state.items() if k != "temperature"}
+    assert NaiveBayesEM.from_state(older).temperature == 1.0
+
+
+def test_the_fitted_temperature_calibrates_overconfident_scores() -> None:
+    """Scores ten times too sharp (as a product of two models counting the same words is):
+    the fitted temperature brings them back, lowers the held-out log-loss, keeps the classes."""
+    rng = np.random.default_rng(0)
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        logits = rng.normal(0, 1.5, (n, 3))
+        p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        labels = np.array([rng.choice(3, p=row) for row in p])
+        return 10 * logits, labels  # calibrated at T = 10
+
+    def log_loss(score: np.ndarray, labels: np.ndarray, t: float) -> float:
+        z = score / t
+        z = z - z.max(1, keepdims=True)
+        log_p = z - np.log(np.exp(z).sum(1, keepdims=True))
+        return float(-log_p[np.arange(len(labels)), labels].mean())
+
+    score, labels = draw(400)
+    t = fit_temperature(score, labels)
+    assert 7 < t < 14, t
+    held_out, truth = draw(400)  # judged on other rows than it was fitted on
+    assert log_loss(held_out, truth, t) < 0.5 * log_loss(held_out, truth, 1.0)
+    assert fit_temperature(np.zeros((0, 3)), np.zeros(0, np.int64)) == 1.0
+
+
+def test_finetune_calibrates_its_word_model_on_the_validation_split(tmp_path: Path) -> None:
+    """The finetune stage's word model (``finetune.nb_em``): fitted on the labels and the
+    stored corpus, then given the temperature that calibrates the product on the validation
+    split, where a sixth of the labels contradict the words (as real reviews' do)."""
+    from graftline.config import FinetuneParams
+    from graftline.data.dataset import Dataset
+    from graftline.data.store import save_splits
+    from graftline.data.text import tokenize_dataset
+    from tasks.finetune import calibrated_word_model
+
+    rng = np.random.default_rng(2)
+
+    def tokenized(texts: list[str], labels: np.ndarray | None) -> Dataset:
+        items = np.empty(len(texts), dtype=object)
+        items[:] = texts
+        if labels is None:  # the corpus: no labels, no classes
+            ds = Dataset(items, np.full(len(texts), -1), [], "corpus")
+        else:
+            ds = Dataset(items, labels, ["great", "other"], "task")
+        return tokenize_dataset(ds, tok, spec)[0]
+
+    def reviews(n: int) -> tuple[list[str], np.ndarray]:
+        texts = _reviews(rng, 0, range(10), n) + _reviews(rng, 1, range(10), n)
+        return texts, np.array([0] * n + [1] * n)
+
+    train_texts, train_y = reviews(20)
+    val_texts, val_y = reviews(30)
+    val_y = np.where(rng.random(len(val_y)) < 1 / 6, 1 - val_y, val_y)
+    corpus_texts, _ = reviews(50)
+    p = TokenizerParams(vocab_size=300, min_frequency=1, max_len=32)
+    tok = train_tokenizer(train_texts + corpus_texts, p)
+    spec = token_spec(tok, p, 0)
+    train, val = tokenized(train_texts, train_y), tokenized(val_texts, val_y)
+    corpus = tokenized(corpus_texts, None)
+    save_splits(tmp_path / "corpus", {"train": corpus}, {})
+
+    params = FinetuneParams(nb_em={"enabled": True, "min_df": 1})
+    network = np.full((len(val_y), 2), 0.5, np.float32)  # a network that knows nothing
+    words = calibrated_word_model(params, train, val, network, tmp_path / "corpus")
+    assert words.temperature > 1.5, words.temperature  # confident and a sixth wrong: softened
+
+    def val_log_loss(t: float) -> float:
+        score = words.predict_log_proba(decode_texts(val.images, val.transform)) / t
+        score -= score.max(1, keepdims=True)
+        log_p = score - np.log(np.exp(score).sum(1, keepdims=True))
+        return float(-log_p[np.arange(len(val_y)), val_y].mean())
+
+    assert val_log_loss(words.temperature) < val_log_loss(1.0)
