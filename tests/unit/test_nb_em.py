@@ -177,16 +177,20 @@ def test_the_word_model_travels_in_a_safe_checkpoint_and_multiplies_the_network(
     assert np.allclose(both, expected / expected.sum(1, keepdims=True), atol=1e-5)
     assert not np.allclose(both, network, atol=1e-3)
 
-    save_checkpoint(
-        tmp_path / "model.pt",
-        model,
-        model_config=cfg,
-        classes=["great", "other"],
-        input_shape=(p.max_len,),
-        transform=spec,
-    )
-    assert torch.load(tmp_path / "model.pt", weights_only=True)["nb_em"]["words"] == words.words
-    loaded, _ = load_checkpoint(tmp_path / "model.pt")
+    def saved_and_loaded(name: str) -> torch.nn.Module:
+        path = tmp_path / name
+        save_checkpoint(
+            path,
+            model,
+            model_config=cfg,
+            classes=["great", "other"],
+            input_shape=(p.max_len,),
+            transform=spec,
+        )
+        assert torch.load(path, weights_only=True)["nb_em"]["words"] == words.words
+        return load_checkpoint(path)[0]
+
+    loaded = saved_and_loaded("model.pt")
     assert loaded.words is not None and loaded.words.words == words.words
     assert loaded.words.size == len(words.words)
     assert np.allclose(loaded.words.predict_proba(texts), words.predict_proba(texts))
@@ -197,15 +201,7 @@ def test_the_word_model_travels_in_a_safe_checkpoint_and_multiplies_the_network(
     # A calibrated word model: its temperature travels in the checkpoint and softens the
     # product as a distillation temperature would, keeping every top class.
     words.temperature = 4.0
-    save_checkpoint(
-        tmp_path / "calibrated.pt",
-        model,
-        model_config=cfg,
-        classes=["great", "other"],
-        input_shape=(p.max_len,),
-        transform=spec,
-    )
-    calibrated, _ = load_checkpoint(tmp_path / "calibrated.pt")
+    calibrated = saved_and_loaded("calibrated.pt")
     assert calibrated.words.temperature == 4.0
     assert np.allclose(predict_proba(calibrated, data), soft, atol=1e-6)
     assert (predict_proba(calibrated, data).argmax(1) == both.argmax(1)).all()
