@@ -246,3 +246,34 @@ def test_a_stopping_stage_drops_only_the_late_signal_report(
     obj = _RaisesWhenCollected(ValueError("a real problem"))
     del obj
     assert "a real problem" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv0", "orig_argv", "stage"),
+    [
+        ("-m", ["python", "-m", "tasks.pretrain", "--params", "p.yaml"], True),
+        ("-m", ["python", "-X", "importtime", "-m", "tasks.distill"], True),
+        ("-m", ["python", "-m", "graftline.cli", "run"], False),  # the flow imports stages
+        ("-c", ["python", "-c", "import tasks.pretrain"], False),
+        ("/venv/bin/pytest", ["python", "/venv/bin/pytest", "-m", "tasks.x"], False),
+    ],
+)
+def test_only_a_stage_process_imports_with_the_collector_off(
+    monkeypatch: pytest.MonkeyPatch, argv0: str, orig_argv: list[str], stage: bool
+) -> None:
+    import tasks
+
+    monkeypatch.setattr("sys.argv", [argv0])
+    monkeypatch.setattr("sys.orig_argv", orig_argv)
+    assert tasks._started_as_a_stage() is stage
+
+
+def test_importing_a_stage_module_leaves_the_collector_on() -> None:
+    import subprocess
+    import sys
+
+    code = "import gc, tasks.pretrain; print(gc.isenabled(), gc.get_freeze_count())"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split() == ["True", "0"]
