@@ -32,7 +32,8 @@ schedule: $(STAMP)  ## serve the scheduled retraining deployment (Prefect; Ctrl-
 	$(BIN)/graftline schedule
 
 mlflow-ui: $(STAMP)  ## the MLflow UI on http://127.0.0.1:5000 (runs, registry, aliases)
-	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db
+	# Without MLflow's GenAI job runner (eight processes; graftline submits no jobs).
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db
 
 test: $(STAMP)  ## lint, format check and the test suite
 	$(BIN)/ruff check .

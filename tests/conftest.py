@@ -205,6 +205,12 @@ def prefect_server(home: Path, **settings: str) -> Iterator[str]:
         proc.wait(timeout=30)
 
 
+# `mlflow server` starts a job runner and seven huey consumers for MLflow's GenAI jobs
+# (scorers, trace roll-ups) unless told not to: ~15 s of CPU at every start, and polling
+# after, for jobs graftline never submits.
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 @contextlib.contextmanager
 def mlflow_server(folder: Path, port: int | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
     """A real ``mlflow server`` on loopback (SQLite store and artifacts in ``folder``) in a
@@ -216,7 +222,13 @@ def mlflow_server(folder: Path, port: int | None = None) -> Iterator[tuple[str, 
     cmd += ["--backend-store-uri", f"sqlite:///{folder / 'server.db'}"]
     cmd += ["--artifacts-destination", str(folder / "artifacts"), "--workers", "1"]
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **MLFLOW_SERVER_ENV},
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(f"{url}/health", proc, log)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, wait_for
+from tests.conftest import MLFLOW_SERVER_ENV, free_port, wait_for
 
 S3_KEYS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -162,7 +162,7 @@ def mlflow_server_on(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, **env},
+            env={**os.environ, **MLFLOW_SERVER_ENV, **env},
         )
     url = f"http://127.0.0.1:{port}"
     try:
