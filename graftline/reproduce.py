@@ -9,8 +9,8 @@ params, and the weights, byte for byte. Nothing in the checkout or its tracking 
 the rebuild logs to a store of its own inside the worktree, which is removed afterwards.
 
 Bits can match only where the kernels are the same: a version records the environment its
-training ran in (torch version, CPU capability, device: ``graftline.env.*``). Rebuilt in
-another, the weights are compared within a tolerance and the test figures within their
+training ran in (torch version, CPU capability, device, CPU model: ``graftline.env.*``).
+Rebuilt in another, with other bytes, the weights are compared within a tolerance and the test figures within their
 confidence interval instead, and the verdict says ``equivalent`` or ``different``, naming
 both environments. Exit codes of ``graftline reproduce``: 0 bit-identical, 3 equivalent (other
 environment), 1 not identical or different, 2 an error (version, commit or data not found).
@@ -56,7 +56,7 @@ class Check:
         return self.passed if self.passed is not None else self.registered == self.rebuilt
 
 
-ENV_KEYS = ("torch", "cpu_capability", "device")
+ENV_KEYS = ("torch", "cpu_capability", "device", "cpu")
 # Rebuilt under other kernels, each tensor may differ by this share of its norm: float32 sums
 # in another order differ by ~1e-7 relative per op, and training compounds that over its steps;
 # a bug (a wrong seed, other data, a changed layer) moves weights by tens of per cent. The test
@@ -269,10 +269,10 @@ def _compare(
     version's: bytes in the same environment, within tolerance in another."""
     folder = "student" if distilled else "finetuned"
     lock = yaml.safe_load((tree / "dvc.lock").read_text())
-    registered_env = {k: tags.get(f"graftline.env.{k}", "") for k in ENV_KEYS}
     rebuilt_env = _environment(tree / ".graftline" / "environment" / f"{folder}.json")
-    if all(registered_env.values()) and registered_env != rebuilt_env:
-        report.environments = (_env_text(registered_env), _env_text(rebuilt_env))
+    rebuilt = tree / "models" / folder / "model.pt"
+    same_bytes = _sha256(registered_ckpt) == _sha256(rebuilt)
+    report.environments = other_environments(tags, rebuilt_env, same_bytes)
     for what, tag, (stage, out) in HASHED:
         if tag in tags and (stage != "distill" or distilled):
             if report.environments and stage != "preprocess":
@@ -283,13 +283,27 @@ def _compare(
         report.checks.append(
             Check("params", "same", _params_diff(tags["graftline.params"], params))
         )
-    rebuilt = tree / "models" / folder / "model.pt"
     if report.environments:
         report.equivalence = equivalence(registered_ckpt, rebuilt, tree / "data/processed/task")
     else:
         report.checks.append(Check("weights", _sha256(registered_ckpt), _sha256(rebuilt)))
         if not report.checks[-1].ok:
             report.notes.append(_weights_diff(registered_ckpt, rebuilt))
+
+
+def other_environments(
+    tags: dict[str, str], rebuilt_env: dict[str, str], same_bytes: bool
+) -> tuple[str, str] | None:
+    """The registered and the rebuilt environment in words, when the weights are to be
+    compared within tolerance: the environments differ and so do the bytes (another CPU
+    generation with pinned kernels may give the same bytes: then the bytes are the verdict).
+    None when the version records no environment. A version registered before the CPU model
+    was recorded is not compared on it."""
+    registered = {k: tags.get(f"graftline.env.{k}", "") for k in ENV_KEYS}
+    registered["cpu"] = registered["cpu"] or rebuilt_env["cpu"]
+    if same_bytes or not all(registered.values()) or registered == rebuilt_env:
+        return None
+    return _env_text(registered), _env_text(rebuilt_env)
 
 
 def _environment(path: Path) -> dict[str, str]:
@@ -301,8 +315,9 @@ def _environment(path: Path) -> dict[str, str]:
 
 
 def _env_text(env: dict[str, str]) -> str:
-    """``avx2, torch 2.13.0+cpu, cpu``."""
-    return f"{env['cpu_capability'].lower()}, torch {env['torch']}, {env['device']}"
+    """``avx2, torch 2.13.0+cpu, cpu, AMD EPYC``."""
+    where = f"{env['cpu_capability'].lower()}, torch {env['torch']}, {env['device']}"
+    return f"{where}, {env['cpu']}"
 
 
 def equivalence(registered: Path, rebuilt: Path, task_data: Path) -> list[Check]:

@@ -126,11 +126,28 @@ def portable_kernels() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT")
 
 
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere), or
+    ``unknown``."""
+    import platform
+
+    try:
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return " ".join(value.split())
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def environment(device: str = "cpu") -> dict[str, str]:
     """What the kernels of a training ran on, which decides the last bits of its weights:
     torch's version, the CPU capability its kernels were dispatched at (``default``,
     ``avx2``, ``avx512``; ``ATEN_CPU_CAPABILITY`` pins it), whether they were pinned
-    (``train.portable``), the thread count, the device."""
+    (``train.portable``), the thread count, the device, and the CPU model: pinned kernels
+    give the same bits across Intel generations, but an AMD EPYC computed other last bits
+    for the same pipeline (oneDNN and MKL pick their blocking by CPU too)."""
     pinned = all(os.environ.get(k) == v for k, v in PORTABLE_KERNELS.items())
     return {
         "torch": torch.__version__,
@@ -138,6 +155,7 @@ def environment(device: str = "cpu") -> dict[str, str]:
         "portable": str(pinned).lower(),
         "threads": str(torch.get_num_threads()),
         "device": str(resolve_device(device)),
+        "cpu": cpu_model(),
     }
 
 

@@ -69,7 +69,7 @@ def training_environment(params: Params, root: Path = Path(".")) -> dict[str, st
     try:
         env = json.loads(path.read_text())
     except (OSError, ValueError):
-        env = {k: "unknown" for k in ("torch", "cpu_capability", "threads", "device")}
+        env = {k: "unknown" for k in ("torch", "cpu_capability", "threads", "device", "cpu")}
     return {f"graftline.env.{k}": str(v) for k, v in env.items()}
 
 
@@ -445,9 +445,10 @@ def model_card(
         f"`{lineage.get('graftline.git_commit', '?')}` and the data above (DVC), and compares "
         "the weights. Trained with torch "
         f"{lineage.get('graftline.env.torch', '?')} on {lineage.get('graftline.env.device', '?')}"
-        f" ({lineage.get('graftline.env.threads', '?')} threads, CPU kernels at "
-        f"{lineage.get('graftline.env.cpu_capability', '?')}): another CPU capability or torch "
-        "version computes other last bits."
+        f" ({lineage.get('graftline.env.cpu', '?')}, "
+        f"{lineage.get('graftline.env.threads', '?')} threads, CPU kernels at "
+        f"{lineage.get('graftline.env.cpu_capability', '?')}): another CPU model, CPU "
+        "capability or torch version may compute other last bits."
         + (
             f" Prefect flow run `{lineage['graftline.prefect_flow_run_id']}`."
             if lineage.get("graftline.prefect_flow_run_id")
