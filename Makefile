@@ -53,6 +53,7 @@ bench: $(STAMP)  ## all benchmarks except full MNIST (see benchmarks/README.md)
 	$(BIN)/python benchmarks/bench_pipeline.py
 	$(BIN)/python benchmarks/bench_throughput.py
 	$(BIN)/python benchmarks/bench_flow.py
+	$(BIN)/python benchmarks/bench_stage_startup.py
 	$(BIN)/python benchmarks/bench_serve.py
 
 clean:  ## remove pipeline outputs (DVC can restore them: dvc checkout)
