@@ -10,9 +10,9 @@ the rebuild logs to a store of its own inside the worktree, which is removed aft
 
 Bits can match only where the kernels are the same: a version records the environment its
 training ran in (torch version, CPU capability, device, CPU model: ``graftline.env.*``).
-Rebuilt in another, with other bytes, the weights are compared within a tolerance and the test figures within their
-confidence interval instead, and the verdict says ``equivalent`` or ``different``, naming
-both environments. Exit codes of ``graftline reproduce``: 0 bit-identical, 3 equivalent (other
+Rebuilt in another, with other bytes, the weights are compared within a tolerance and the
+test figures within their confidence interval instead, and the verdict says ``equivalent``
+or ``different``, naming both environments. Exit codes of ``graftline reproduce``: 0 bit-identical, 3 equivalent (other
 environment), 1 not identical or different, 2 an error (version, commit or data not found).
 """
 
