@@ -271,8 +271,8 @@ def _compare(
     lock = yaml.safe_load((tree / "dvc.lock").read_text())
     rebuilt_env = _environment(tree / ".graftline" / "environment" / f"{folder}.json")
     rebuilt = tree / "models" / folder / "model.pt"
-    same_bytes = _sha256(registered_ckpt) == _sha256(rebuilt)
-    report.environments = other_environments(tags, rebuilt_env, same_bytes)
+    digests = _sha256(registered_ckpt), _sha256(rebuilt)
+    report.environments = other_environments(tags, rebuilt_env, digests[0] == digests[1])
     for what, tag, (stage, out) in HASHED:
         if tag in tags and (stage != "distill" or distilled):
             if report.environments and stage != "preprocess":
@@ -286,7 +286,7 @@ def _compare(
     if report.environments:
         report.equivalence = equivalence(registered_ckpt, rebuilt, tree / "data/processed/task")
     else:
-        report.checks.append(Check("weights", _sha256(registered_ckpt), _sha256(rebuilt)))
+        report.checks.append(Check("weights", *digests))
         if not report.checks[-1].ok:
             report.notes.append(_weights_diff(registered_ckpt, rebuilt))
 
