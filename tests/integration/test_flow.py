@@ -20,7 +20,14 @@ from flows.pipeline import StageFailed, _transient, pipeline
 from graftline import tracking
 from graftline.models.checkpoint import read_checkpoint
 from graftline.registry import Registry
-from tests.conftest import TINY_PARAMS, assert_quiet_console, make_repo, sh, tool_env
+from tests.conftest import (
+    TINY_PARAMS,
+    assert_quiet_console,
+    make_repo,
+    seed_prefect_home,
+    sh,
+    tool_env,
+)
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -196,8 +203,9 @@ SERVER_LINE = re.compile(r"temporary Prefect server on http://127\.0\.0\.1:(\d+)
 
 
 def _no_api_env(repo: Path, home: Path) -> dict[str, str]:
-    """What `graftline run` gets in these tests: no Prefect API set, its own Prefect home."""
-    env = tool_env(repo, PREFECT_HOME=str(home))
+    """What `graftline run` gets in these tests: no Prefect API set, its own Prefect home
+    (with a migrated database: the migrations are Prefect's, timed in no test)."""
+    env = tool_env(repo, PREFECT_HOME=str(seed_prefect_home(home)))
     env.pop("PREFECT_API_URL", None)
     return env
 

@@ -27,7 +27,14 @@ import pytest
 import yaml
 
 from flows.server import TemporaryServer
-from tests.conftest import TINY_PARAMS, dvc, make_repo, prefect_server, tool_env
+from tests.conftest import (
+    TINY_PARAMS,
+    dvc,
+    make_repo,
+    prefect_server,
+    seed_prefect_home,
+    tool_env,
+)
 
 CRON = "15 4 * * 2"
 DEPLOYMENT = "graftline-pipeline/scheduled-retraining"
@@ -135,7 +142,7 @@ def test_schedule_fires_by_itself_and_after_a_restart(
     remote = tmp_path / "remote"
     remote.mkdir()
     repo = make_repo(tmp_path / "repo", params, remote)
-    home = tmp_path / "prefect-home"
+    home = seed_prefect_home(tmp_path / "prefect-home")
     env = tool_env(repo, PREFECT_HOME=str(home))
     for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
         env.pop(key, None)
