@@ -1,11 +1,11 @@
-"""What `graftline reproduce` counts as another environment (tested end to end, rebuilding
-under other kernels, in tests/integration/test_reproduce.py)."""
+"""What `graftline reproduce` counts as another environment, and the verdict it gives (tested
+end to end, rebuilding under other kernels, in tests/integration/test_reproduce.py)."""
 
 from pathlib import Path
 
 import pytest
 
-from graftline.reproduce import other_environments
+from graftline.reproduce import Check, Report, other_environments
 from graftline.train import cpu_model, environment
 
 INTEL = "Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz"
@@ -48,3 +48,27 @@ def test_the_bytes_decide_otherwise(
     registered: dict[str, str], rebuilt: dict[str, str], same_bytes: bool
 ) -> None:
     assert other_environments(tags(**registered), rebuilt, same_bytes) is None
+
+
+@pytest.mark.parametrize(
+    ("environments", "passed", "verdict", "code"),
+    [
+        (None, True, "bit-identical", 0),
+        (None, False, "NOT identical", 1),
+        (("avx512, ...", "default, ..."), True, "equivalent", 3),
+        (("avx512, ...", "default, ..."), False, "different", 1),
+    ],
+)
+def test_the_verdict_and_its_exit_code(
+    environments: tuple[str, str] | None, passed: bool, verdict: str, code: int
+) -> None:
+    """Bytes in the same environment, tolerance in another; any failed check fails."""
+    report = Report("m", "1", "abc", checks=[Check("task data", "a", "a" if passed else "b")])
+    report.environments = environments
+    if environments:
+        report.equivalence = [Check("weights", "", "largest relative difference 1e-05", True)]
+    assert (report.verdict, report.exit_code) == (verdict, code)
+    last = report.text().splitlines()[-1]
+    assert last.startswith(f"m v1: {verdict}")
+    assert ("registered on avx512" in last) == bool(environments)
+    assert ("DIFFERS" in report.text()) != passed
