@@ -154,6 +154,9 @@ def test_concurrent_promotions_leave_one_winner(root: Path, trained: torch.nn.Mo
     assert reg.champion_version() in versions
 
 
+# The commands on the default store (mlflow.db); they make the registry calls that
+# test_gate_promote_rollback_history makes against both stores.
+@pytest.mark.parametrize("store", ["sqlite"], indirect=True)
 def test_cli_promote_rollback_history(root: Path, trained: torch.nn.Module) -> None:
     (root / "params.yaml").write_text(
         json.dumps({"deploy": {"model_name": "cli-blobs", "gate": {"min_accuracy": 0.5}}})
